@@ -1,0 +1,13 @@
+"""lejepa_kernels: fast, memory-bounded SIGReg (sliced Epps-Pulley) for LeJEPA."""
+
+from .functional import ecf_sums, sliced_epps_pulley
+from .modules import EppsPulley, FusedSlicedEppsPulley, SlicedEppsPulley
+
+__all__ = [
+    "EppsPulley",
+    "FusedSlicedEppsPulley",
+    "SlicedEppsPulley",
+    "ecf_sums",
+    "sliced_epps_pulley",
+]
+__version__ = "0.1.0"

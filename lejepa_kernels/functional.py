@@ -1,0 +1,131 @@
+"""The functional API: SIGReg from embeddings, whichever backend computes the ECF sums."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import ops
+from .distributed import global_sums, is_distributed
+from .reference import quadrature
+
+BACKEND_ENV = "LEJEPA_KERNELS_BACKEND"
+BACKEND_CHOICES = ("auto",) + ops.BACKENDS
+
+
+def check_config(num_slices: int, t_max: float, n_points: int) -> None:
+    """Raise ValueError unless num_slices >= 1, 0 < t_max < inf and n_points is odd and >= 3."""
+    if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+        raise ValueError(f"num_slices must be an integer >= 1, got {num_slices!r}")
+    if not (isinstance(t_max, (int, float)) and math.isfinite(t_max) and t_max > 0):
+        raise ValueError(f"t_max must be a finite number > 0, got {t_max!r}")
+    if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 3:
+        raise ValueError(f"n_points must be an odd integer >= 3, got {n_points!r}")
+    if n_points % 2 == 0:
+        raise ValueError(f"n_points must be odd, got {n_points}")
+
+
+def check_embeddings(x: torch.Tensor) -> None:
+    """Raise TypeError/ValueError unless x is a floating [N, D] tensor, N >= 2, D >= 1.
+
+    Under torch.distributed a rank may hold a single row (the row count is global).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of shape [N, D], got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must have a floating dtype (fp32, bf16, fp16, fp64), got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [N, D] (rows x features), got shape {tuple(x.shape)}")
+    if x.shape[1] < 1:
+        raise ValueError(f"x must have at least one feature column, got shape {tuple(x.shape)}")
+    min_rows = 1 if is_distributed() else 2
+    if x.shape[0] < min_rows:
+        raise ValueError(f"x must have at least {min_rows} rows, got shape {tuple(x.shape)}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: "auto" (or $LEJEPA_KERNELS_BACKEND) picks by device."""
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"${BACKEND_ENV} must be one of {BACKEND_CHOICES}, got {backend!r}")
+    if backend == "auto":
+        return "torch"
+    return backend
+
+
+def ecf_sums(
+    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums over rows of cos and sin of t_k (x @ A), differentiable in x (A and t take none).
+
+    x: [N, D] float; A: [D, S]; t: [T]. Returns (C, Z), [S, T] each, fp32 (fp64 for fp64 x).
+    """
+    if A.dim() != 2 or A.shape[0] != x.shape[1]:
+        raise ValueError(f"A must be [D, S] with D = x.shape[1] = {x.shape[1]}, got {tuple(A.shape)}")
+    if t.dim() != 1:
+        raise ValueError(f"t must be 1-D [T], got shape {tuple(t.shape)}")
+    if A.requires_grad or t.requires_grad:
+        raise ValueError("ecf_sums gives no gradient for A or t; detach them")
+    if not (x.device == A.device == t.device):
+        raise ValueError(f"x, A and t must be on one device, got {x.device}, {A.device}, {t.device}")
+    return ops.ecf_sums(x, A, t, resolve_backend(backend, x.device))
+
+
+def epps_pulley_from_sums(
+    cos_sums: torch.Tensor,
+    sin_sums: torch.Tensor,
+    n_rows: torch.Tensor,
+    phi: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over slices of the Epps-Pulley statistic, from [S, T] ECF sums over n_rows rows."""
+    err = (cos_sums / n_rows - phi).square() + (sin_sums / n_rows).square()
+    return ((err @ weights) * n_rows).mean()
+
+
+def sliced_epps_pulley_on_grid(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    num_slices: int,
+    t: torch.Tensor,
+    phi: torch.Tensor,
+    weights: torch.Tensor,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SIGReg of x [N, D] on a given quadrature grid (t, phi, weights: [T] each).
+
+    The directions are the seed's for the 0-d integer tensor `step`. Under torch.distributed the
+    sums are global (one all-reduce). Returns a 0-d tensor, fp32 (fp64 for fp64 x).
+    """
+    check_embeddings(x)
+    A = ops.directions(step, x.shape[1], num_slices, x.device)
+    cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend)
+    cos_sums, sin_sums, n = global_sums(cos_sums, sin_sums, x.shape[0])
+    return epps_pulley_from_sums(
+        cos_sums, sin_sums, n, phi.to(cos_sums), weights.to(cos_sums)
+    )
+
+
+def sliced_epps_pulley(
+    x: torch.Tensor,
+    step: int | torch.Tensor,
+    num_slices: int = 1024,
+    t_max: float = 3.0,
+    n_points: int = 17,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """SIGReg loss: the seed's `SlicedEppsPulley` at `step`, without materialising [N, S, T].
+
+    x: [N, D] embeddings, fp32/bf16/fp16/fp64. A non-finite value in x makes the loss (and the
+    gradient) NaN; it raises nothing. Returns a 0-d tensor, fp32 (fp64 for fp64 x).
+    """
+    check_config(num_slices, t_max, n_points)
+    if not isinstance(step, torch.Tensor):
+        step = torch.tensor(int(step))
+    t, phi, weights = quadrature(t_max, n_points)
+    return sliced_epps_pulley_on_grid(x, step, num_slices, t, phi, weights, backend)

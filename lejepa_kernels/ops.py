@@ -1,0 +1,89 @@
+"""The package's PyTorch operators (torch.library), so torch.compile sees each as one opaque node.
+
+- `lejepa_kernels::directions(step, dim, num_slices, device)`: the seed's random unit directions
+  for a step. Sampling inside an op keeps the generator (and reading the step) out of compiled
+  graphs, and the directions are a fresh tensor of the forward, never an alias of the step.
+- `lejepa_kernels::ecf_sums(x, A, t, backend)`: the cos/sin sums over rows, [S, T] each, with a
+  backward that recomputes the projections (`lejepa_kernels::ecf_sums_backward`).
+
+`backend` is "torch" (the memory-bounded fallback) or "triton".
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import fallback
+from .reference import random_directions
+
+BACKENDS = ("torch", "triton")
+
+
+@torch.library.custom_op("lejepa_kernels::directions", mutates_args=())
+def directions(step: torch.Tensor, dim: int, num_slices: int, device: torch.device) -> torch.Tensor:
+    """Unit directions [dim, num_slices] fp32 on `device` for the 0-d integer tensor `step`."""
+    return random_directions(dim, num_slices, int(step), device)
+
+
+@directions.register_fake
+def _(step: torch.Tensor, dim: int, num_slices: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(dim, num_slices, dtype=torch.float32, device=device)
+
+
+def _check_backend(backend: str) -> None:
+    if backend == "triton":
+        raise NotImplementedError(
+            "the Triton backend is not available yet; use backend='torch' (or 'auto')"
+        )
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+@torch.library.custom_op("lejepa_kernels::ecf_sums", mutates_args=())
+def ecf_sums(
+    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, Z) [S, T] each: sums over rows of cos and sin of t_k (x @ A); fp32, fp64 for fp64 x."""
+    _check_backend(backend)
+    return fallback.ecf_sums(x, A, t)
+
+
+@ecf_sums.register_fake
+def _(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str):
+    shape = (A.shape[1], t.shape[0])
+    dtype = fallback.compute_dtype(x)
+    return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("lejepa_kernels::ecf_sums_backward", mutates_args=())
+def ecf_sums_backward(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    grad_cos: torch.Tensor,
+    grad_sin: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """dx [N, D] in x's dtype, from the gradients [S, T] of the cos and sin sums."""
+    _check_backend(backend)
+    return fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin)
+
+
+@ecf_sums_backward.register_fake
+def _(x, A, t, grad_cos, grad_sin, backend):
+    return x.new_empty(x.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, A, t, backend = inputs
+    ctx.save_for_backward(x, A, t)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_cos: torch.Tensor, grad_sin: torch.Tensor):
+    x, A, t = ctx.saved_tensors
+    grad_x = ecf_sums_backward(x, A, t, grad_cos, grad_sin, ctx.backend)
+    return grad_x, None, None, None
+
+
+ecf_sums.register_autograd(_backward, setup_context=_setup_context)
