@@ -1,0 +1,109 @@
+"""The drop-in module: state_dict interchange, backends, torch.compile, and bad input."""
+
+import pytest
+import torch
+
+from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, sliced_epps_pulley
+from lejepa_kernels.reference import quadrature, random_directions
+
+
+def test_state_dict_interchange_both_ways():
+    seed, fused = SlicedEppsPulley(31, t_max=2.5, n_points=9), FusedSlicedEppsPulley(31, t_max=2.5, n_points=9)
+    assert list(seed.state_dict()) == list(fused.state_dict())
+    for key, value in seed.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, rtol=0, atol=0)
+    x = torch.randn(40, 16)
+    seed(x), seed(x)
+    fused.load_state_dict(seed.state_dict(), strict=True)
+    assert fused.global_step.item() == 2
+    torch.testing.assert_close(fused(x), seed(x), rtol=1e-5, atol=0)
+    seed.load_state_dict(fused.state_dict(), strict=True)
+    assert seed.global_step.item() == 3
+    torch.testing.assert_close(seed(x), fused(x), rtol=1e-5, atol=0)
+
+
+def test_compiled_fullgraph_matches_eager_over_steps():
+    x = torch.randn(50, 24, generator=torch.Generator().manual_seed(0))
+    compiled_module = FusedSlicedEppsPulley(64)
+    eager_module = FusedSlicedEppsPulley(64)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    for step in range(3):
+        xc, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+        loss_c, loss_e = compiled(xc), eager_module(xe)
+        loss_c.backward(), loss_e.backward()
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=0)
+        torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-8)
+        assert compiled_module.global_step.item() == step + 1
+    reference = SlicedEppsPulley(64)
+    reference.global_step.fill_(2)
+    torch.testing.assert_close(loss_c, reference(x), rtol=1e-5, atol=0)
+
+
+def test_triton_backend_not_available_yet():
+    with pytest.raises(NotImplementedError, match="Triton"):
+        FusedSlicedEppsPulley(8, backend="triton")(torch.randn(5, 4))
+
+
+def test_environment_overrides_auto(monkeypatch):
+    monkeypatch.setenv("LEJEPA_KERNELS_BACKEND", "triton")
+    with pytest.raises(NotImplementedError):
+        FusedSlicedEppsPulley(8)(torch.randn(5, 4))
+    assert FusedSlicedEppsPulley(8, backend="torch")(torch.randn(5, 4)).isfinite()
+    monkeypatch.setenv("LEJEPA_KERNELS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="LEJEPA_KERNELS_BACKEND"):
+        FusedSlicedEppsPulley(8)(torch.randn(5, 4))
+    monkeypatch.setenv("LEJEPA_KERNELS_BACKEND", "torch")
+    assert FusedSlicedEppsPulley(8)(torch.randn(5, 4)).isfinite()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"n_points": 16}, "odd"),
+        ({"n_points": 1}, ">= 3"),
+        ({"t_max": 0.0}, "t_max"),
+        ({"t_max": -1.0}, "t_max"),
+        ({"t_max": float("inf")}, "t_max"),
+        ({"num_slices": 0}, "num_slices"),
+        ({"num_slices": 2.5}, "num_slices"),
+        ({"backend": "cuda"}, "backend"),
+    ],
+)
+def test_bad_configuration(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusedSlicedEppsPulley(**kwargs)
+    if "backend" not in kwargs:
+        with pytest.raises(ValueError, match=match):
+            sliced_epps_pulley(torch.randn(5, 4), 0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.randn(5), ValueError, r"2-D \[N, D\]"),
+        (torch.randn(2, 3, 4), ValueError, r"2-D \[N, D\]"),
+        (torch.randn(1, 4), ValueError, "at least 2 rows"),
+        (torch.randn(0, 4), ValueError, "at least 2 rows"),
+        (torch.randn(5, 0), ValueError, "feature"),
+        (torch.ones(5, 4, dtype=torch.int64), TypeError, "floating dtype"),
+        (torch.randn(5, 4, dtype=torch.complex64), TypeError, "floating dtype"),
+        ([[1.0, 2.0], [3.0, 4.0]], TypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_embeddings(x, error, match):
+    module = FusedSlicedEppsPulley(8)
+    with pytest.raises(error, match=match):
+        module(x)
+    assert module.global_step.item() == 0
+
+
+def test_ecf_sums_bad_arguments():
+    x, t = torch.randn(5, 4), quadrature(3.0, 5)[0]
+    with pytest.raises(ValueError, match=r"\[D, S\]"):
+        ecf_sums(x, torch.randn(3, 8), t)
+    with pytest.raises(ValueError, match="1-D"):
+        ecf_sums(x, torch.randn(4, 8), t[None])
+    with pytest.raises(ValueError, match="no gradient"):
+        ecf_sums(x, torch.randn(4, 8, requires_grad=True), t)
+    with pytest.raises(ValueError, match="one device"):
+        ecf_sums(x, torch.randn(4, 8, device="meta"), t)

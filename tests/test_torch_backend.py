@@ -1,0 +1,111 @@
+"""The memory-bounded PyTorch path against the oracle: losses, gradients, dtypes, tiling."""
+
+import pytest
+import torch
+
+from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, fallback, sliced_epps_pulley
+from lejepa_kernels.reference import quadrature, random_directions
+
+SHAPES = [(37, 24, 19), (2, 3, 1), (300, 96, 257), (129, 7, 64)]
+
+
+def embeddings(N, D, dtype=torch.float64, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def loss_and_grad(module, x):
+    x = x.detach().clone().requires_grad_()
+    loss = module(x)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("N, D, S", SHAPES)
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-10), (torch.float32, 2e-4)])
+def test_matches_oracle_over_steps(N, D, S, dtype, rtol):
+    x = embeddings(N, D, dtype)
+    fused = FusedSlicedEppsPulley(S, backend="torch")
+    oracle = SlicedEppsPulley(S)
+    for _ in range(3):
+        loss, grad = loss_and_grad(fused, x)
+        ref_loss, ref_grad = loss_and_grad(oracle, x)
+        assert loss.dtype == ref_loss.dtype == dtype
+        torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=0)
+        scale = ref_grad.abs().max()
+        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=rtol * scale)
+    assert fused.global_step.item() == oracle.global_step.item() == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_error_no_worse_than_seed(dtype):
+    """Against an fp64 truth, our error in a dtype is within the seed's own error there."""
+    N, D, S = 67, 48, 33
+    x = embeddings(N, D, scale=0.7).to(dtype)
+    truth_loss, truth_grad = loss_and_grad(SlicedEppsPulley(S), x.double())
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(S), x)
+    seed_loss, seed_grad = loss_and_grad(SlicedEppsPulley(S), x)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    loss_err = (loss.double() - truth_loss).abs()
+    seed_loss_err = (seed_loss.double() - truth_loss).abs()
+    grad_err = (grad.double() - truth_grad).abs().max()
+    seed_grad_err = (seed_grad.double() - truth_grad).abs().max()
+    assert loss_err <= seed_loss_err + 1e-5 * truth_loss.abs()
+    assert grad_err <= seed_grad_err + 1e-3 * truth_grad.abs().max()
+
+
+def test_functional_matches_module():
+    x = embeddings(41, 12, torch.float32)
+    module = FusedSlicedEppsPulley(23, t_max=2.0, n_points=9)
+    module.global_step.fill_(4)
+    expected = module(x)
+    torch.testing.assert_close(sliced_epps_pulley(x, 4, 23, t_max=2.0, n_points=9), expected)
+    torch.testing.assert_close(sliced_epps_pulley(x, torch.tensor(4), 23, 2.0, 9), expected)
+
+
+@pytest.mark.parametrize("block_elements", [1, 7, 40, 1 << 20])
+def test_tiling_does_not_change_sums_or_gradient(block_elements):
+    N, D, S = 37, 24, 19
+    x = embeddings(N, D)
+    A = random_directions(D, S, 3).double()
+    t = quadrature(3.0, 17)[0].double()
+    P = x @ A
+    angles = P.unsqueeze(-1) * t
+    cos_sums, sin_sums = fallback.ecf_sums(x, A, t, block_elements)
+    torch.testing.assert_close(cos_sums, angles.cos().sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sin_sums, angles.sin().sum(0), rtol=1e-12, atol=1e-12)
+    grad_cos, grad_sin = torch.randn(2, S, 17, dtype=torch.float64)
+    grad_x = fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin, block_elements)
+    xr = x.clone().requires_grad_()
+    angles = (xr @ A).unsqueeze(-1) * t
+    ((angles.cos() * grad_cos).sum() + (angles.sin() * grad_sin).sum()).backward()
+    torch.testing.assert_close(grad_x, xr.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_fp64():
+    x = embeddings(9, 5).requires_grad_()
+    A = random_directions(5, 4, 0).double()
+    t = quadrature(3.0, 5)[0].double()
+    assert torch.autograd.gradcheck(lambda x: ecf_sums(x, A, t, backend="torch"), (x,))
+    assert torch.autograd.gradcheck(lambda x: sliced_epps_pulley(x, 2, 4, 3.0, 5), (x,))
+
+
+@pytest.mark.parametrize("view", ["transposed", "strided", "offset"])
+def test_non_contiguous_input(view):
+    base = embeddings(48, 60, torch.float32)
+    x = {"transposed": base.T[:37, :24], "strided": base[::2, ::2], "offset": base[5:42, 7:31]}[view]
+    assert not x.is_contiguous()
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19), x)
+    ref_loss, ref_grad = loss_and_grad(SlicedEppsPulley(19), x.contiguous())
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+    assert grad.shape == x.shape
+
+
+def test_non_finite_input_gives_nan_not_an_error():
+    x = embeddings(37, 24, torch.float32)
+    x[3, 5] = float("inf")
+    x[7, 1] = float("nan")
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19), x)
+    assert torch.isnan(loss)
+    assert torch.isnan(grad).any()
