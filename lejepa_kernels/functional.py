@@ -45,8 +45,9 @@ def check_embeddings(x: torch.Tensor) -> None:
         raise ValueError(f"x must have at least {min_rows} rows, got shape {tuple(x.shape)}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: "auto" (or $LEJEPA_KERNELS_BACKEND) picks by device."""
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that will run for x: "auto" (or $LEJEPA_KERNELS_BACKEND) picks Triton for
+    fp32/bf16/fp16 CUDA tensors when triton is installed, the PyTorch path otherwise."""
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
@@ -54,16 +55,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"${BACKEND_ENV} must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
-        return "torch"
+        use_triton = x.is_cuda and x.dtype != torch.float64 and ops.triton_available()
+        return "triton" if use_triton else "torch"
     return backend
 
 
 def ecf_sums(
-    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str = "auto"
+    x: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    backend: str = "auto",
+    *,
+    uniform_step: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over rows of cos and sin of t_k (x @ A), differentiable in x (A and t take none).
 
     x: [N, D] float; A: [D, S]; t: [T]. Returns (C, Z), [S, T] each, fp32 (fp64 for fp64 x).
+    uniform_step > 0 promises t_k = k * uniform_step (the Triton kernels then replace the trig
+    calls by a recurrence); the default 0 makes no promise.
     """
     if A.dim() != 2 or A.shape[0] != x.shape[1]:
         raise ValueError(f"A must be [D, S] with D = x.shape[1] = {x.shape[1]}, got {tuple(A.shape)}")
@@ -73,7 +82,10 @@ def ecf_sums(
         raise ValueError("ecf_sums gives no gradient for A or t; detach them")
     if not (x.device == A.device == t.device):
         raise ValueError(f"x, A and t must be on one device, got {x.device}, {A.device}, {t.device}")
-    return ops.ecf_sums(x, A, t, resolve_backend(backend, x.device))
+    backend = resolve_backend(backend, x)
+    if backend == "triton":
+        A, t = A.float().contiguous(), t.float()
+    return ops.ecf_sums(x, A, t, backend, float(uniform_step))
 
 
 def epps_pulley_from_sums(
@@ -96,6 +108,7 @@ def sliced_epps_pulley_on_grid(
     phi: torch.Tensor,
     weights: torch.Tensor,
     backend: str = "auto",
+    uniform_step: float = 0.0,
 ) -> torch.Tensor:
     """SIGReg of x [N, D] on a given quadrature grid (t, phi, weights: [T] each).
 
@@ -104,7 +117,7 @@ def sliced_epps_pulley_on_grid(
     """
     check_embeddings(x)
     A = ops.directions(step, x.shape[1], num_slices, x.device)
-    cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend)
+    cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend, uniform_step=uniform_step)
     cos_sums, sin_sums, n = global_sums(cos_sums, sin_sums, x.shape[0])
     return epps_pulley_from_sums(
         cos_sums, sin_sums, n, phi.to(cos_sums), weights.to(cos_sums)
@@ -128,4 +141,5 @@ def sliced_epps_pulley(
     if not isinstance(step, torch.Tensor):
         step = torch.tensor(int(step))
     t, phi, weights = quadrature(t_max, n_points)
-    return sliced_epps_pulley_on_grid(x, step, num_slices, t, phi, weights, backend)
+    uniform_step = t_max / (n_points - 1)
+    return sliced_epps_pulley_on_grid(x, step, num_slices, t, phi, weights, backend, uniform_step)

@@ -34,13 +34,21 @@ class FusedSlicedEppsPulley(nn.Module):
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
         self.num_slices = num_slices
         self.backend = backend
+        self.uniform_step = t_max / (n_points - 1)
         self.ep = EppsPulley(t_max=t_max, n_points=n_points)
         self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] embeddings. Returns the scalar loss."""
         loss = sliced_epps_pulley_on_grid(
-            x, self.global_step, self.num_slices, self.ep.t, self.ep.phi, self.ep.weights, self.backend
+            x,
+            self.global_step,
+            self.num_slices,
+            self.ep.t,
+            self.ep.phi,
+            self.ep.weights,
+            self.backend,
+            self.uniform_step,
         )
         with torch.no_grad():
             self.global_step.add_(1)

@@ -3,13 +3,17 @@
 - `lejepa_kernels::directions(step, dim, num_slices, device)`: the seed's random unit directions
   for a step. Sampling inside an op keeps the generator (and reading the step) out of compiled
   graphs, and the directions are a fresh tensor of the forward, never an alias of the step.
-- `lejepa_kernels::ecf_sums(x, A, t, backend)`: the cos/sin sums over rows, [S, T] each, with a
-  backward that recomputes the projections (`lejepa_kernels::ecf_sums_backward`).
+- `lejepa_kernels::ecf_sums(x, A, t, backend, uniform_step)`: the cos/sin sums over rows,
+  [S, T] each, with a backward that recomputes the projections (`ecf_sums_backward`).
 
-`backend` is "torch" (the memory-bounded fallback) or "triton".
+`backend` is "torch" (the memory-bounded fallback) or "triton" (the fused kernels).
+`uniform_step` > 0 declares t_k = k * uniform_step, which lets the kernels use the trig
+recurrence; 0 means an arbitrary grid.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
@@ -17,6 +21,11 @@ from . import fallback
 from .reference import random_directions
 
 BACKENDS = ("torch", "triton")
+
+
+def triton_available() -> bool:
+    """True when the triton package can be imported."""
+    return importlib.util.find_spec("triton") is not None
 
 
 @torch.library.custom_op("lejepa_kernels::directions", mutates_args=())
@@ -31,25 +40,27 @@ def _(step: torch.Tensor, dim: int, num_slices: int, device: torch.device) -> to
 
 
 def _check_backend(backend: str) -> None:
-    if backend == "triton":
-        raise NotImplementedError(
-            "the Triton backend is not available yet; use backend='torch' (or 'auto')"
-        )
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
 
 
 @torch.library.custom_op("lejepa_kernels::ecf_sums", mutates_args=())
 def ecf_sums(
-    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str
+    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, uniform_step: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, Z) [S, T] each: sums over rows of cos and sin of t_k (x @ A); fp32, fp64 for fp64 x."""
     _check_backend(backend)
+    if backend == "triton":
+        from .kernels import FORWARD_CONFIG, ecf_forward
+
+        return ecf_forward(x, A, t, uniform_step, FORWARD_CONFIG)
     return fallback.ecf_sums(x, A, t)
 
 
 @ecf_sums.register_fake
-def _(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str):
+def _(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, uniform_step: float):
     shape = (A.shape[1], t.shape[0])
     dtype = fallback.compute_dtype(x)
     return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
@@ -63,27 +74,33 @@ def ecf_sums_backward(
     grad_cos: torch.Tensor,
     grad_sin: torch.Tensor,
     backend: str,
+    uniform_step: float,
 ) -> torch.Tensor:
     """dx [N, D] in x's dtype, from the gradients [S, T] of the cos and sin sums."""
     _check_backend(backend)
+    if backend == "triton":
+        from .kernels import BACKWARD_CONFIG, ecf_backward
+
+        return ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step, BACKWARD_CONFIG)
     return fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin)
 
 
 @ecf_sums_backward.register_fake
-def _(x, A, t, grad_cos, grad_sin, backend):
+def _(x, A, t, grad_cos, grad_sin, backend, uniform_step):
     return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, A, t, backend = inputs
+    x, A, t, backend, uniform_step = inputs
     ctx.save_for_backward(x, A, t)
     ctx.backend = backend
+    ctx.uniform_step = uniform_step
 
 
 def _backward(ctx, grad_cos: torch.Tensor, grad_sin: torch.Tensor):
     x, A, t = ctx.saved_tensors
-    grad_x = ecf_sums_backward(x, A, t, grad_cos, grad_sin, ctx.backend)
-    return grad_x, None, None, None
+    grad_x = ecf_sums_backward(x, A, t, grad_cos, grad_sin, ctx.backend, ctx.uniform_step)
+    return grad_x, None, None, None, None
 
 
 ecf_sums.register_autograd(_backward, setup_context=_setup_context)

@@ -1,7 +1,12 @@
 """The drop-in module: state_dict interchange, backends, torch.compile, and bad input."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import DEVICE
 
 from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, sliced_epps_pulley
 from lejepa_kernels.reference import quadrature, random_directions
@@ -39,21 +44,28 @@ def test_compiled_fullgraph_matches_eager_over_steps():
     torch.testing.assert_close(loss_c, reference(x), rtol=1e-5, atol=0)
 
 
-def test_triton_backend_not_available_yet():
-    with pytest.raises(NotImplementedError, match="Triton"):
-        FusedSlicedEppsPulley(8, backend="triton")(torch.randn(5, 4))
+def test_triton_backend_on_cpu_tensors_outside_the_interpreter():
+    script = (
+        "import torch, lejepa_kernels as lk\n"
+        "try:\n"
+        "    lk.FusedSlicedEppsPulley(8, backend='triton')(torch.randn(5, 4))\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert "needs CUDA tensors" in result.stdout and "TRITON_INTERPRET" in result.stdout, result
 
 
-def test_environment_overrides_auto(monkeypatch):
-    monkeypatch.setenv("LEJEPA_KERNELS_BACKEND", "triton")
-    with pytest.raises(NotImplementedError):
-        FusedSlicedEppsPulley(8)(torch.randn(5, 4))
-    assert FusedSlicedEppsPulley(8, backend="torch")(torch.randn(5, 4)).isfinite()
+@pytest.mark.parametrize("chosen", ["torch", "triton"])
+def test_environment_overrides_auto(monkeypatch, chosen):
+    x = torch.randn(5, 4, device=DEVICE)
+    expected = FusedSlicedEppsPulley(8, backend=chosen).to(DEVICE)(x)
+    monkeypatch.setenv("LEJEPA_KERNELS_BACKEND", chosen)
+    torch.testing.assert_close(FusedSlicedEppsPulley(8).to(DEVICE)(x), expected, rtol=0, atol=0)
     monkeypatch.setenv("LEJEPA_KERNELS_BACKEND", "cuda")
     with pytest.raises(ValueError, match="LEJEPA_KERNELS_BACKEND"):
-        FusedSlicedEppsPulley(8)(torch.randn(5, 4))
-    monkeypatch.setenv("LEJEPA_KERNELS_BACKEND", "torch")
-    assert FusedSlicedEppsPulley(8)(torch.randn(5, 4)).isfinite()
+        FusedSlicedEppsPulley(8)(x)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,65 @@
+"""Launch settings shared by the kernels: block configurations, dtype rules, device checks."""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel (block sizes are powers of 2, >= 16)."""
+
+    block_n: int
+    block_s: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+FORWARD_CONFIG = KernelConfig(block_n=64, block_s=64, block_d=64, num_warps=8, num_stages=3)
+BACKWARD_CONFIG = KernelConfig(block_n=64, block_s=64, block_d=64, num_warps=8, num_stages=3)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: fp32 inputs use 3xTF32 (about fp32-accurate, on tensor cores)."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"
+
+
+def launch_device_check(x: torch.Tensor, *others: torch.Tensor) -> None:
+    """Raise unless x (fp32/bf16/fp16) and the others can be handed to a Triton kernel."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"the Triton kernels take fp32, bf16 or fp16 inputs, got {x.dtype}; "
+            "use backend='torch' for fp64"
+        )
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
+            "before importing triton to run the kernels on the CPU, or use backend='torch'"
+        )
+    for other in others:
+        if other.device != x.device:
+            raise ValueError(f"all inputs must be on {x.device}, got one on {other.device}")
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def program_count_target(device: torch.device) -> int:
+    """About how many programs fill the device: 4 per SM on CUDA, 1 in the interpreter."""
+    if device.type != "cuda":
+        return 1
+    return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,118 @@
+"""Forward kernel: cos/sin sums of t_k (x @ A) over rows, fused with the projection matmul.
+
+A program owns BLOCK_S slices and one contiguous range of rows (a "split"). It walks its rows
+BLOCK_N at a time: the [BLOCK_N, BLOCK_S] projection tile is formed by `tl.dot` in fp32 and,
+while it is in registers, turned into the T cos and sin column sums, which are added to the
+program's own slot of a small [splits, 2, T, S] fp32 buffer. Only that buffer leaves the kernel;
+torch sums it over splits in a fixed order, so the result is deterministic.
+
+On the uniform grid t_k = k dt the T values come from cos(dt P) and sin(dt P) by the Chebyshev
+recurrence f_{k+1} = 2 cos(dt P) f_k - f_{k-1}; any other grid uses direct trig.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tiles import projection_tile
+from .config import KernelConfig, input_precision, interpreting, launch_device_check, program_count_target
+
+
+@triton.jit
+def _accumulate(ptr, col_mask, values):
+    """ptr[cols] += values: the slot belongs to this program alone, so no atomics."""
+    tl.store(ptr, tl.load(ptr, mask=col_mask, other=0.0) + values, mask=col_mask)
+
+
+@triton.jit
+def ecf_forward_kernel(
+    x_ptr,
+    a_ptr,
+    t_ptr,
+    partial_ptr,
+    N,
+    D,
+    S,
+    stride_xn,
+    stride_xd,
+    rows_per_split,
+    dt,
+    T: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST_BF16: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    col_mask = cols < S
+    cos_out = partial_ptr + split.to(tl.int64) * (2 * T * S) + cols
+    sin_out = cos_out + T * S
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, N)
+    for r0 in range(row_start, row_end, BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_mask = rows < row_end
+        p = projection_tile(
+            x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, S,
+            BLOCK_N, BLOCK_S, BLOCK_D, INPUT_PRECISION, UPCAST_BF16,
+        )
+        # 1 on real rows, 0 on padding: it scales the recurrence's seeds, so padded rows add 0.
+        valid = tl.where(row_mask, 1.0, 0.0)[:, None]
+        if UNIFORM:
+            u = p * dt
+            two_cos_u = 2.0 * tl.cos(u)
+            sin_u = tl.sin(u)
+            cos_prev = 0.5 * two_cos_u * valid  # cos(-u)
+            sin_prev = -sin_u * valid  # sin(-u)
+            cos_cur = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32) + valid
+            sin_cur = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
+            for k in tl.static_range(T):
+                _accumulate(cos_out + k * S, col_mask, tl.sum(cos_cur, axis=0))
+                _accumulate(sin_out + k * S, col_mask, tl.sum(sin_cur, axis=0))
+                cos_next = two_cos_u * cos_cur - cos_prev
+                sin_next = two_cos_u * sin_cur - sin_prev
+                cos_prev, cos_cur = cos_cur, cos_next
+                sin_prev, sin_cur = sin_cur, sin_next
+        else:
+            for k in tl.static_range(T):
+                angle = tl.load(t_ptr + k) * p
+                _accumulate(cos_out + k * S, col_mask, tl.sum(tl.cos(angle) * valid, axis=0))
+                _accumulate(sin_out + k * S, col_mask, tl.sum(tl.sin(angle) * valid, axis=0))
+
+
+def ecf_forward(
+    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, uniform_step: float, config: KernelConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, Z) [S, T] fp32: sums over rows of cos and sin of t_k (x @ A).
+
+    x: [N, D] fp32/bf16/fp16, any strides; A: [D, S] fp32 contiguous; t: [T] fp32.
+    uniform_step > 0 declares t_k = k * uniform_step (recurrence); 0 means use t directly.
+    """
+    launch_device_check(x, A, t)
+    N, D = x.shape
+    S, T = A.shape[1], t.numel()
+    slice_tiles = triton.cdiv(S, config.block_s)
+    row_blocks = triton.cdiv(N, config.block_n)
+    splits = min(row_blocks, max(1, triton.cdiv(program_count_target(x.device), slice_tiles)))
+    rows_per_split = triton.cdiv(row_blocks, splits) * config.block_n
+    splits = triton.cdiv(N, rows_per_split)
+    partials = torch.zeros(splits, 2, T, S, dtype=torch.float32, device=x.device)
+    ecf_forward_kernel[(slice_tiles, splits)](
+        x, A, t, partials, N, D, S, x.stride(0), x.stride(1), rows_per_split, float(uniform_step),
+        T=T,
+        UNIFORM=uniform_step > 0,
+        BLOCK_N=config.block_n,
+        BLOCK_S=config.block_s,
+        BLOCK_D=config.block_d,
+        INPUT_PRECISION=input_precision(x.dtype),
+        UPCAST_BF16=interpreting() and x.dtype == torch.bfloat16,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return partials[:, 0].sum(0).T.contiguous(), partials[:, 1].sum(0).T.contiguous()
