@@ -53,9 +53,9 @@ def ecf_sums(
     """(C, Z) [S, T] each: sums over rows of cos and sin of t_k (x @ A); fp32, fp64 for fp64 x."""
     _check_backend(backend)
     if backend == "triton":
-        from .kernels import FORWARD_CONFIG, ecf_forward
+        from .kernels import ecf_forward
 
-        return ecf_forward(x, A, t, uniform_step, FORWARD_CONFIG)
+        return ecf_forward(x, A, t, uniform_step)
     return fallback.ecf_sums(x, A, t)
 
 
@@ -79,9 +79,9 @@ def ecf_sums_backward(
     """dx [N, D] in x's dtype, from the gradients [S, T] of the cos and sin sums."""
     _check_backend(backend)
     if backend == "triton":
-        from .kernels import BACKWARD_CONFIG, ecf_backward
+        from .kernels import ecf_backward
 
-        return ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step, BACKWARD_CONFIG)
+        return ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step)
     return fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin)
 
 

@@ -22,30 +22,33 @@ def projection_tile(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
 ):
-    """P = x[rows] @ A[:, cols]: a [BLOCK_N, BLOCK_S] fp32 tile, zero where masked.
+    """P^T = A[:, cols]^T @ x[rows]^T: a [BLOCK_S, BLOCK_N] fp32 tile, zero where masked.
+
+    Slices run along the tile's first axis and rows along its second: in the MMA layouts warps
+    split the first axis only, so sums over rows (axis 1) stay within a warp (no shared memory).
 
     x is fp32/bf16/fp16 with any strides; A is fp32, rounded to x's dtype so that 16-bit inputs
     run on tensor cores at full rate (fp32 inputs use INPUT_PRECISION, e.g. "tf32x3").
     UPCAST_BF16 multiplies bf16 tiles in fp32: Triton's interpreter mis-computes bf16 dots.
     """
-    acc = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
-    row_offsets = rows.to(tl.int64)[:, None] * stride_xn
+    acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+    row_offsets = rows.to(tl.int64)[None, :] * stride_xn
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         x_tile = tl.load(
-            x_ptr + row_offsets + d[None, :] * stride_xd,
-            mask=row_mask[:, None] & d_mask[None, :],
+            x_ptr + row_offsets + d[:, None] * stride_xd,
+            mask=d_mask[:, None] & row_mask[None, :],
             other=0.0,
         )
         a_tile = tl.load(
-            a_ptr + d[:, None] * stride_ad + cols[None, :],
-            mask=d_mask[:, None] & col_mask[None, :],
+            a_ptr + d[None, :] * stride_ad + cols[:, None],
+            mask=col_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
         a_tile = a_tile.to(x_tile.dtype)
         if UPCAST_BF16:
             x_tile = x_tile.to(tl.float32)
             a_tile = a_tile.to(tl.float32)
-        acc = tl.dot(x_tile, a_tile, acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(a_tile, x_tile, acc, input_precision=INPUT_PRECISION)
     return acc

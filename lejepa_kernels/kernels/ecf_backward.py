@@ -1,10 +1,10 @@
 """Backward kernel: dP = d(loss)/d(x @ A) for a chunk of slices, recomputing x @ A.
 
-A program owns a [BLOCK_N, BLOCK_S] tile: it recomputes the projection tile with `tl.dot`, runs
+A program owns a [BLOCK_S, BLOCK_N] (slices x rows) tile: it recomputes the projection tile with `tl.dot`, runs
 the same trig recurrence as the forward and accumulates, in registers,
     dP[n, s] = sum_k cos(t_k P) cos_coef[k, s] + sin(t_k P) sin_coef[k, s]
-with cos_coef = t * dL/dZ and sin_coef = -t * dL/dC. The tile is written out (fp32, or bf16 for
-bf16 inputs) and cuBLAS forms dx += dP @ A^T, chunk of slices by chunk of slices, so the dP
+with cos_coef = t * dL/dZ and sin_coef = -t * dL/dC. The tile is written out transposed, as
+dP^T [chunk, N] (fp32, or bf16 for bf16 inputs), and cuBLAS forms dx += dP @ A^T, chunk of slices by chunk of slices, so the dP
 buffer never exceeds DP_CHUNK_BYTES and no [N, S, T] tensor exists.
 
 Why chunk + cuBLAS rather than one kernel that also does dP @ A^T: a program that owns rows
@@ -20,7 +20,13 @@ import triton
 import triton.language as tl
 
 from ._tiles import projection_tile
-from .config import KernelConfig, input_precision, interpreting, launch_device_check
+from .config import (
+    BACKWARD_CONFIGS,
+    KernelConfig,
+    input_precision,
+    interpreting,
+    launch_device_check,
+)
 
 DP_CHUNK_BYTES = 32 << 20
 """Largest dP buffer the backward allocates (bytes); slices are processed in chunks below it."""
@@ -62,31 +68,31 @@ def ecf_backward_kernel(
     )
     cos_coef = coef_ptr + cols
     sin_coef = cos_coef + T * S
-    grad = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
+    grad = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     if UNIFORM:
         u = p * dt
         two_cos_u = 2.0 * tl.cos(u)
         sin_u = tl.sin(u)
         cos_prev = 0.5 * two_cos_u
         sin_prev = -sin_u
-        cos_cur = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32) + 1.0
-        sin_cur = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
-        for k in tl.static_range(T):
+        cos_cur = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32) + 1.0
+        sin_cur = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+        for k in range(T):
             a = tl.load(cos_coef + k * S, mask=col_mask, other=0.0)
             b = tl.load(sin_coef + k * S, mask=col_mask, other=0.0)
-            grad += cos_cur * a[None, :] + sin_cur * b[None, :]
+            grad += cos_cur * a[:, None] + sin_cur * b[:, None]
             cos_next = two_cos_u * cos_cur - cos_prev
             sin_next = two_cos_u * sin_cur - sin_prev
             cos_prev, cos_cur = cos_cur, cos_next
             sin_prev, sin_cur = sin_cur, sin_next
     else:
-        for k in tl.static_range(T):
+        for k in range(T):
             angle = tl.load(t_ptr + k) * p
             a = tl.load(cos_coef + k * S, mask=col_mask, other=0.0)
             b = tl.load(sin_coef + k * S, mask=col_mask, other=0.0)
-            grad += tl.cos(angle) * a[None, :] + tl.sin(angle) * b[None, :]
-    out = dp_ptr + rows.to(tl.int64)[:, None] * chunk_size + local_cols[None, :]
-    tl.store(out, grad.to(dp_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+            grad += tl.cos(angle) * a[:, None] + tl.sin(angle) * b[:, None]
+    out = dp_ptr + local_cols.to(tl.int64)[:, None] * N + rows[None, :]
+    tl.store(out, grad.to(dp_ptr.dtype.element_ty), mask=col_mask[:, None] & row_mask[None, :])
 
 
 def ecf_backward(
@@ -96,14 +102,15 @@ def ecf_backward(
     grad_cos: torch.Tensor,
     grad_sin: torch.Tensor,
     uniform_step: float,
-    config: KernelConfig,
+    config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """dx [N, D] in x's dtype from the gradients grad_cos, grad_sin [S, T] of the ECF sums.
 
     x: [N, D] fp32/bf16/fp16, any strides; A: [D, S] fp32 contiguous; t: [T] fp32;
-    uniform_step as in `ecf_forward`.
+    uniform_step as in `ecf_forward`; config defaults to BACKWARD_CONFIGS[x.dtype].
     """
     launch_device_check(x, A, t, grad_cos, grad_sin)
+    config = config or BACKWARD_CONFIGS[x.dtype]
     N, D = x.shape
     S, T = A.shape[1], t.numel()
     # [2, T, S]: coefficients of cos(t_k P) and sin(t_k P) in dP, contiguous along slices.
@@ -111,13 +118,13 @@ def ecf_backward(
     dp_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     chunk = max(config.block_s, DP_CHUNK_BYTES // (N * dp_dtype.itemsize) // config.block_s * config.block_s)
     chunk = min(chunk, S)
-    dp = torch.empty(N, chunk, dtype=dp_dtype, device=x.device)
+    dp_t = torch.empty(chunk, N, dtype=dp_dtype, device=x.device)
     grad_x = None
     for start in range(0, S, chunk):
         size = min(chunk, S - start)
         grid = (triton.cdiv(N, config.block_n), triton.cdiv(size, config.block_s))
         ecf_backward_kernel[grid](
-            x, A, t, coef, dp, N, D, S, start, size, x.stride(0), x.stride(1), float(uniform_step),
+            x, A, t, coef, dp_t, N, D, S, start, size, x.stride(0), x.stride(1), float(uniform_step),
             T=T,
             UNIFORM=uniform_step > 0,
             BLOCK_N=config.block_n,
@@ -128,6 +135,6 @@ def ecf_backward(
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
-        part = dp.view(-1)[: N * size].view(N, size) @ A[:, start : start + size].T.to(dp_dtype)
+        part = dp_t[:size].T @ A[:, start : start + size].T.to(dp_dtype)
         grad_x = part.float() if grad_x is None else grad_x.add_(part)
     return grad_x.to(x.dtype)

@@ -1,7 +1,7 @@
 """Forward kernel: cos/sin sums of t_k (x @ A) over rows, fused with the projection matmul.
 
 A program owns BLOCK_S slices and one contiguous range of rows (a "split"). It walks its rows
-BLOCK_N at a time: the [BLOCK_N, BLOCK_S] projection tile is formed by `tl.dot` in fp32 and,
+BLOCK_N at a time: the [BLOCK_S, BLOCK_N] projection tile is formed by `tl.dot` in fp32 and,
 while it is in registers, turned into the T cos and sin column sums, which are added to the
 program's own slot of a small [splits, 2, T, S] fp32 buffer. Only that buffer leaves the kernel;
 torch sums it over splits in a fixed order, so the result is deterministic.
@@ -17,7 +17,14 @@ import triton
 import triton.language as tl
 
 from ._tiles import projection_tile
-from .config import KernelConfig, input_precision, interpreting, launch_device_check, program_count_target
+from .config import (
+    FORWARD_CONFIGS,
+    KernelConfig,
+    input_precision,
+    interpreting,
+    launch_device_check,
+    program_count_target,
+)
 
 
 @triton.jit
@@ -63,38 +70,44 @@ def ecf_forward_kernel(
             BLOCK_N, BLOCK_S, BLOCK_D, INPUT_PRECISION, UPCAST_BF16,
         )
         # 1 on real rows, 0 on padding: it scales the recurrence's seeds, so padded rows add 0.
-        valid = tl.where(row_mask, 1.0, 0.0)[:, None]
+        valid = tl.where(row_mask, 1.0, 0.0)[None, :]
         if UNIFORM:
             u = p * dt
             two_cos_u = 2.0 * tl.cos(u)
             sin_u = tl.sin(u)
             cos_prev = 0.5 * two_cos_u * valid  # cos(-u)
             sin_prev = -sin_u * valid  # sin(-u)
-            cos_cur = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32) + valid
-            sin_cur = tl.zeros((BLOCK_N, BLOCK_S), dtype=tl.float32)
-            for k in tl.static_range(T):
-                _accumulate(cos_out + k * S, col_mask, tl.sum(cos_cur, axis=0))
-                _accumulate(sin_out + k * S, col_mask, tl.sum(sin_cur, axis=0))
+            cos_cur = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32) + valid
+            sin_cur = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+            for k in range(T):
+                _accumulate(cos_out + k * S, col_mask, tl.sum(cos_cur, axis=1))
+                _accumulate(sin_out + k * S, col_mask, tl.sum(sin_cur, axis=1))
                 cos_next = two_cos_u * cos_cur - cos_prev
                 sin_next = two_cos_u * sin_cur - sin_prev
                 cos_prev, cos_cur = cos_cur, cos_next
                 sin_prev, sin_cur = sin_cur, sin_next
         else:
-            for k in tl.static_range(T):
+            for k in range(T):
                 angle = tl.load(t_ptr + k) * p
-                _accumulate(cos_out + k * S, col_mask, tl.sum(tl.cos(angle) * valid, axis=0))
-                _accumulate(sin_out + k * S, col_mask, tl.sum(tl.sin(angle) * valid, axis=0))
+                _accumulate(cos_out + k * S, col_mask, tl.sum(tl.cos(angle) * valid, axis=1))
+                _accumulate(sin_out + k * S, col_mask, tl.sum(tl.sin(angle) * valid, axis=1))
 
 
 def ecf_forward(
-    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, uniform_step: float, config: KernelConfig
+    x: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    uniform_step: float,
+    config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, Z) [S, T] fp32: sums over rows of cos and sin of t_k (x @ A).
 
     x: [N, D] fp32/bf16/fp16, any strides; A: [D, S] fp32 contiguous; t: [T] fp32.
     uniform_step > 0 declares t_k = k * uniform_step (recurrence); 0 means use t directly.
+    config defaults to FORWARD_CONFIGS[x.dtype].
     """
     launch_device_check(x, A, t)
+    config = config or FORWARD_CONFIGS[x.dtype]
     N, D = x.shape
     S, T = A.shape[1], t.numel()
     slice_tiles = triton.cdiv(S, config.block_s)

@@ -1,0 +1,5 @@
+"""``python -m lejepa_kernels``: the ``lejepa-kernels`` command line."""
+
+from .pretrain import main
+
+raise SystemExit(main())
