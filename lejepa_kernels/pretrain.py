@@ -390,6 +390,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(args.device, local_rank)
     main_process = rank == 0
+    model = _build_model(args)
+    _check_model_input(model, args.model, (args.image_size, args.local_size))
 
     if args.data is None:
         base, mean, std = _digits(args.image_size)
@@ -416,8 +418,6 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
                      persistent_workers=args.workers > 0)
     train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, drop_last=True, **loader_kw)
 
-    model = _build_model(args)
-    _check_model_input(model, args.model, (args.image_size, args.local_size))
     model.to(device)
     # No weight decay on biases and normalisation parameters (the usual ViT/AdamW practice).
     params = [p for p in model.parameters() if p.requires_grad]

@@ -22,17 +22,15 @@ class KernelConfig:
     num_stages: int
 
 
-# Per input dtype, chosen from ptxas register counts for sm_80 and sm_90 (none of these spills;
-# deeper software pipelining of the D loop, num_stages=3, spilled in every variant tried).
-FORWARD_CONFIGS = {
-    torch.float32: KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1),
-    torch.bfloat16: KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=2),
-    torch.float16: KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=2),
-}
+# Chosen from ptxas register counts for sm_80 and sm_90 (tests/test_compile_targets.py): none of
+# these spills, for either grid. Deeper software pipelining of the D loop (num_stages=3) spilled
+# in every variant tried, and so did 64x64 backward tiles with fp16 inputs (fp32 dP stores).
+_FORWARD = KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1)
+FORWARD_CONFIGS = {torch.float32: _FORWARD, torch.bfloat16: _FORWARD, torch.float16: _FORWARD}
 BACKWARD_CONFIGS = {
     torch.float32: KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=2),
     torch.bfloat16: KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=2),
-    torch.float16: KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=2),
+    torch.float16: KernelConfig(block_n=32, block_s=32, block_d=32, num_warps=4, num_stages=2),
 }
 
 
