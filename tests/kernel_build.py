@@ -21,8 +21,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from lejepa_kernels.kernels.config import BACKWARD_CONFIGS, FORWARD_CONFIGS, input_precision
-from lejepa_kernels.kernels.ecf_backward import ecf_backward_kernel
-from lejepa_kernels.kernels.ecf_forward import ecf_forward_kernel
+from lejepa_kernels.kernels.backward import ecf_backward_kernel
+from lejepa_kernels.kernels.forward import ecf_forward_kernel
 
 CAPABILITIES = (80, 90)
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -29,7 +29,8 @@ def projection_tile(
 
     x is fp32/bf16/fp16 with any strides; A is fp32, rounded to x's dtype so that 16-bit inputs
     run on tensor cores at full rate (fp32 inputs use INPUT_PRECISION, e.g. "tf32x3").
-    UPCAST_BF16 multiplies bf16 tiles in fp32: Triton's interpreter mis-computes bf16 dots.
+    UPCAST_BF16 multiplies bf16 tiles in fp32, for Triton's interpreter, which mis-computes bf16
+    dots and truncates fp32 -> bf16 casts: the launcher then passes A already rounded to bf16.
     """
     acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     row_offsets = rows.to(tl.int64)[None, :] * stride_xn
@@ -46,9 +47,9 @@ def projection_tile(
             mask=col_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
-        a_tile = a_tile.to(x_tile.dtype)
         if UPCAST_BF16:
             x_tile = x_tile.to(tl.float32)
-            a_tile = a_tile.to(tl.float32)
+        else:
+            a_tile = a_tile.to(x_tile.dtype)
         acc = tl.dot(a_tile, x_tile, acc, input_precision=INPUT_PRECISION)
     return acc

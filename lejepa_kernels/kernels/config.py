@@ -39,6 +39,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def interpreter_bf16(x: torch.Tensor) -> bool:
+    """True when bf16 tiles must be multiplied in fp32 (the interpreter; see projection_tile)."""
+    return interpreting() and x.dtype == torch.bfloat16
+
+
+def kernel_directions(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A as the kernels read it: fp32, rounded to bf16 first where the kernel cannot round it."""
+    return A.to(torch.bfloat16).float() if interpreter_bf16(x) else A
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """tl.dot precision: fp32 inputs use 3xTF32 (about fp32-accurate, on tensor cores)."""
     return "tf32x3" if dtype == torch.float32 else "ieee"

@@ -24,12 +24,14 @@ from .config import (
     BACKWARD_CONFIGS,
     KernelConfig,
     input_precision,
-    interpreting,
+    interpreter_bf16,
+    kernel_directions,
     launch_device_check,
 )
 
 DP_CHUNK_BYTES = 32 << 20
 """Largest dP buffer the backward allocates (bytes); slices are processed in chunks below it."""
+MAX_GRID_Y = 65535
 
 
 @triton.jit
@@ -95,6 +97,13 @@ def ecf_backward_kernel(
     tl.store(out, grad.to(dp_ptr.dtype.element_ty), mask=col_mask[:, None] & row_mask[None, :])
 
 
+def slices_per_chunk(n_rows: int, n_slices: int, itemsize: int, block_s: int) -> int:
+    """Slices per dP chunk: a multiple of block_s within DP_CHUNK_BYTES (at least one tile),
+    at most n_slices, and few enough tiles for the grid's second axis (< 65536)."""
+    tiles = max(1, DP_CHUNK_BYTES // (n_rows * itemsize * block_s))
+    return min(n_slices, min(tiles, MAX_GRID_Y) * block_s)
+
+
 def ecf_backward(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -116,22 +125,21 @@ def ecf_backward(
     # [2, T, S]: coefficients of cos(t_k P) and sin(t_k P) in dP, contiguous along slices.
     coef = torch.stack([t * grad_sin.float(), -t * grad_cos.float()]).transpose(1, 2).contiguous()
     dp_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-    chunk = max(config.block_s, DP_CHUNK_BYTES // (N * dp_dtype.itemsize) // config.block_s * config.block_s)
-    chunk = min(chunk, S)
+    chunk = slices_per_chunk(N, S, dp_dtype.itemsize, config.block_s)
     dp_t = torch.empty(chunk, N, dtype=dp_dtype, device=x.device)
     grad_x = None
     for start in range(0, S, chunk):
         size = min(chunk, S - start)
         grid = (triton.cdiv(N, config.block_n), triton.cdiv(size, config.block_s))
         ecf_backward_kernel[grid](
-            x, A, t, coef, dp_t, N, D, S, start, size, x.stride(0), x.stride(1), float(uniform_step),
+            x, kernel_directions(A, x), t, coef, dp_t, N, D, S, start, size, x.stride(0), x.stride(1), float(uniform_step),
             T=T,
             UNIFORM=uniform_step > 0,
             BLOCK_N=config.block_n,
             BLOCK_S=config.block_s,
             BLOCK_D=config.block_d,
             INPUT_PRECISION=input_precision(x.dtype),
-        UPCAST_BF16=interpreting() and x.dtype == torch.bfloat16,
+            UPCAST_BF16=interpreter_bf16(x),
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )

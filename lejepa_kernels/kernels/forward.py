@@ -21,7 +21,8 @@ from .config import (
     FORWARD_CONFIGS,
     KernelConfig,
     input_precision,
-    interpreting,
+    interpreter_bf16,
+    kernel_directions,
     launch_device_check,
     program_count_target,
 )
@@ -117,14 +118,14 @@ def ecf_forward(
     splits = triton.cdiv(N, rows_per_split)
     partials = torch.zeros(splits, 2, T, S, dtype=torch.float32, device=x.device)
     ecf_forward_kernel[(slice_tiles, splits)](
-        x, A, t, partials, N, D, S, x.stride(0), x.stride(1), rows_per_split, float(uniform_step),
+        x, kernel_directions(A, x), t, partials, N, D, S, x.stride(0), x.stride(1), rows_per_split, float(uniform_step),
         T=T,
         UNIFORM=uniform_step > 0,
         BLOCK_N=config.block_n,
         BLOCK_S=config.block_s,
         BLOCK_D=config.block_d,
         INPUT_PRECISION=input_precision(x.dtype),
-        UPCAST_BF16=interpreting() and x.dtype == torch.bfloat16,
+        UPCAST_BF16=interpreter_bf16(x),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
