@@ -11,6 +11,11 @@ from .reference import EppsPulley, SlicedEppsPulley
 __all__ = ["EppsPulley", "SlicedEppsPulley", "FusedSlicedEppsPulley"]
 
 
+def step_is_on_host(step: torch.Tensor) -> bool:
+    """Whether reading the step tensor costs no device synchronisation."""
+    return step.device.type == "cpu"
+
+
 class FusedSlicedEppsPulley(nn.Module):
     """Drop-in for the seed's `SlicedEppsPulley`: same arguments, buffers, state_dict, numbers.
 
@@ -23,6 +28,10 @@ class FusedSlicedEppsPulley(nn.Module):
     :param n_points: number of grid points (odd, >= 3).
     :param backend: "auto" (Triton for CUDA tensors when available, PyTorch otherwise; the
         environment variable LEJEPA_KERNELS_BACKEND overrides it), "torch" or "triton".
+
+    The directions are drawn from a host-side copy of `global_step`, so a call on a GPU never
+    waits for the device to read the step. The copy follows the module's own updates and
+    `load_state_dict`; after editing a GPU `global_step` in place by hand, call `resync_step()`.
     """
 
     def __init__(
@@ -37,12 +46,28 @@ class FusedSlicedEppsPulley(nn.Module):
         self.uniform_step = t_max / (n_points - 1)
         self.ep = EppsPulley(t_max=t_max, n_points=n_points)
         self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
+        self._host_step = torch.zeros((), dtype=torch.long)
+        self.register_load_state_dict_post_hook(lambda module, _: module.resync_step())
+
+    def resync_step(self) -> None:
+        """Copy `global_step` to its host-side copy (waits for the device once)."""
+        with torch.no_grad():
+            self._host_step.copy_(self.global_step)
+
+    def _sampling_step(self) -> torch.Tensor:
+        """The step as a CPU tensor: the buffer itself when it lives on the CPU, else the copy."""
+        if step_is_on_host(self.global_step):
+            with torch.no_grad():
+                self._host_step.copy_(self.global_step)
+            return self.global_step
+        return self._host_step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] embeddings. Returns the scalar loss."""
+        step = self._sampling_step()
         loss = sliced_epps_pulley_on_grid(
             x,
-            self.global_step,
+            step,
             self.num_slices,
             self.ep.t,
             self.ep.phi,
@@ -52,6 +77,7 @@ class FusedSlicedEppsPulley(nn.Module):
         )
         with torch.no_grad():
             self.global_step.add_(1)
+            self._host_step.add_(1)
         return loss
 
     def extra_repr(self) -> str:

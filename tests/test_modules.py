@@ -119,3 +119,24 @@ def test_ecf_sums_bad_arguments():
         ecf_sums(x, torch.randn(4, 8, requires_grad=True), t)
     with pytest.raises(ValueError, match="one device"):
         ecf_sums(x, torch.randn(4, 8, device="meta"), t)
+
+
+def test_host_step_copy_follows_the_buffer(monkeypatch):
+    """The GPU path samples from the host copy: force it on CPU, eager and compiled."""
+    from lejepa_kernels import modules
+
+    monkeypatch.setattr(modules, "step_is_on_host", lambda step: False)
+    x = torch.randn(40, 16)
+    fused, oracle = FusedSlicedEppsPulley(23), SlicedEppsPulley(23)
+    compiled = torch.compile(fused, fullgraph=True)
+    for call in (fused, compiled, fused):
+        torch.testing.assert_close(call(x), oracle(x), rtol=1e-5, atol=0)
+    assert fused.global_step.item() == fused._host_step.item() == 3
+    oracle.global_step.fill_(9)
+    fused.load_state_dict(oracle.state_dict())
+    assert fused._host_step.item() == 9
+    torch.testing.assert_close(fused(x), oracle(x), rtol=1e-5, atol=0)
+    fused.global_step.fill_(2)
+    oracle.global_step.fill_(2)
+    fused.resync_step()
+    torch.testing.assert_close(fused(x), oracle(x), rtol=1e-5, atol=0)
