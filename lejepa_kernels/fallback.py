@@ -2,8 +2,12 @@
 
 The projections `P = x @ A` are formed one block of [rows x slices] at a time and turned into
 cos/sin sums at once, so no [N, S, T] (nor [N, S]) tensor ever exists: the extra memory is the
-fp32 copy of x, the gradient, and one block of at most `block_elements` x T numbers. The backward
+fp32 copy of x, the gradient, and a few blocks of at most `block_elements` numbers. The backward
 recomputes each block instead of storing anything from the forward.
+
+On a uniform grid (t_k = k * uniform_step) the T values of cos/sin come from one cos and one sin
+per projection by the Chebyshev recurrence, one in-place multiply-add per grid point; fp64 inputs
+and other grids use direct trig on the given t.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from collections.abc import Iterator
 
 import torch
 
-BLOCK_ELEMENTS = 1 << 16
-"""Default number of projections (rows x slices) per block; x T for the trig temporaries."""
+BLOCK_ELEMENTS = 1 << 18
+"""Default number of projections (rows x slices) per block: 1 MiB per fp32 temporary."""
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -30,23 +34,61 @@ def _blocks(n_rows: int, n_slices: int, block_elements: int) -> Iterator[tuple[s
             yield slice(r0, r0 + rows_per_block), slice(s0, s0 + slices_per_block)
 
 
+def _recurrence_sign(k: int) -> float:
+    return 1.0 if k % 4 < 2 else -1.0
+
+
+def _grid_values(
+    P: torch.Tensor, t: torch.Tensor, uniform_step: float
+) -> Iterator[tuple[int, float, torch.Tensor, torch.Tensor]]:
+    """For k = 0..T-1, (k, sign, c, s) with cos(t_k P) = sign * c and sin(t_k P) = sign * s.
+
+    P: a [rows, slices] block. c and s are overwritten by the next step: use them at once.
+    With uniform_step > 0 (and P not fp64) the Chebyshev recurrence f_{k+1} = 2 cos(u) f_k -
+    f_{k-1}, u = uniform_step * P, runs in place on values stored with the signs + + - - (period
+    4), which turns each step into a single addcmul_.
+    """
+    if uniform_step <= 0 or P.dtype == torch.float64:
+        for k in range(t.numel()):
+            angles = P * t[k]
+            yield k, 1.0, angles.cos(), angles.sin_()
+        return
+    u = P * uniform_step
+    two_cos = u.cos().mul_(2.0)
+    cos_prev, cos_cur = torch.ones_like(u), two_cos * 0.5
+    sin_prev, sin_cur = torch.zeros_like(u), u.sin_()
+    yield 0, 1.0, cos_prev, sin_prev
+    for k in range(1, t.numel()):
+        yield k, _recurrence_sign(k), cos_cur, sin_cur
+        step_sign = _recurrence_sign(k + 1) * _recurrence_sign(k)
+        cos_prev.addcmul_(two_cos, cos_cur, value=step_sign)
+        sin_prev.addcmul_(two_cos, sin_cur, value=step_sign)
+        cos_prev, cos_cur = cos_cur, cos_prev
+        sin_prev, sin_cur = sin_cur, sin_prev
+
+
 def ecf_sums(
-    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, block_elements: int = BLOCK_ELEMENTS
+    x: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    uniform_step: float = 0.0,
+    block_elements: int = BLOCK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over rows of cos and sin of t_k (x @ A).
 
-    x: [N, D] any float dtype; A: [D, S]; t: [T]. Returns (C, Z), each [S, T] in fp32 (fp64 if
-    x is fp64): C[s, k] = sum_n cos(t_k P[n, s]), Z[s, k] = sum_n sin(t_k P[n, s]).
+    x: [N, D] any float dtype; A: [D, S]; t: [T]; uniform_step > 0 declares t_k = k *
+    uniform_step. Returns (C, Z), each [S, T] in fp32 (fp64 if x is fp64):
+    C[s, k] = sum_n cos(t_k P[n, s]), Z[s, k] = sum_n sin(t_k P[n, s]).
     """
     dtype = compute_dtype(x)
     x, A, t = x.to(dtype), A.to(dtype), t.to(dtype)
-    cos_sums = x.new_zeros(A.shape[1], t.numel())
-    sin_sums = x.new_zeros(A.shape[1], t.numel())
+    cos_sums = x.new_zeros(t.numel(), A.shape[1])
+    sin_sums = x.new_zeros(t.numel(), A.shape[1])
     for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
-        angles = (x[rows] @ A[:, cols]).unsqueeze(-1) * t
-        cos_sums[cols] += angles.cos().sum(0)
-        sin_sums[cols] += angles.sin_().sum(0)
-    return cos_sums, sin_sums
+        for k, sign, c, s in _grid_values(x[rows] @ A[:, cols], t, uniform_step):
+            cos_sums[k, cols].add_(c.sum(0), alpha=sign)
+            sin_sums[k, cols].add_(s.sum(0), alpha=sign)
+    return cos_sums.T.contiguous(), sin_sums.T.contiguous()
 
 
 def ecf_sums_backward(
@@ -55,6 +97,7 @@ def ecf_sums_backward(
     t: torch.Tensor,
     grad_cos: torch.Tensor,
     grad_sin: torch.Tensor,
+    uniform_step: float = 0.0,
     block_elements: int = BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """Gradient of the ECF sums with respect to x, recomputing the projections.
@@ -64,12 +107,15 @@ def ecf_sums_backward(
     """
     dtype = compute_dtype(x)
     xc, A, t = x.to(dtype), A.to(dtype), t.to(dtype)
-    sin_coef = -t * grad_cos.to(dtype)
-    cos_coef = t * grad_sin.to(dtype)
+    # [T, S] each: the coefficients of cos(t_k P) and sin(t_k P) in dP.
+    cos_coef = (t * grad_sin.to(dtype)).T.contiguous()
+    sin_coef = (-t * grad_cos.to(dtype)).T.contiguous()
     grad_x = xc.new_zeros(xc.shape)
     for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
-        angles = (xc[rows] @ A[:, cols]).unsqueeze(-1) * t
-        grad_proj = (angles.cos() * cos_coef[cols]).sum(-1)
-        grad_proj += (angles.sin_() * sin_coef[cols]).sum(-1)
+        P = xc[rows] @ A[:, cols]
+        grad_proj = torch.zeros_like(P)
+        for k, sign, c, s in _grid_values(P, t, uniform_step):
+            grad_proj.addcmul_(c, cos_coef[k, cols], value=sign)
+            grad_proj.addcmul_(s, sin_coef[k, cols], value=sign)
         grad_x[rows] += grad_proj @ A[:, cols].T
     return grad_x.to(x.dtype)

@@ -56,7 +56,7 @@ def ecf_sums(
         from .kernels import ecf_forward
 
         return ecf_forward(x, A, t, uniform_step)
-    return fallback.ecf_sums(x, A, t)
+    return fallback.ecf_sums(x, A, t, uniform_step)
 
 
 @ecf_sums.register_fake
@@ -82,7 +82,7 @@ def ecf_sums_backward(
         from .kernels import ecf_backward
 
         return ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step)
-    return fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin)
+    return fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin, uniform_step)
 
 
 @ecf_sums_backward.register_fake

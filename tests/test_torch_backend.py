@@ -64,22 +64,41 @@ def test_functional_matches_module():
 
 
 @pytest.mark.parametrize("block_elements", [1, 7, 40, 1 << 20])
-def test_tiling_does_not_change_sums_or_gradient(block_elements):
+@pytest.mark.parametrize("dtype, uniform_step, tol", [(torch.float64, 0.0, 1e-12), (torch.float32, 3.0 / 16, 2e-5)])
+def test_blocks_and_recurrence_give_the_sums_and_gradient(block_elements, dtype, uniform_step, tol):
+    """Any block size; fp32 on the uniform grid takes the Chebyshev recurrence (fp64 never)."""
     N, D, S = 37, 24, 19
     x = embeddings(N, D)
     A = random_directions(D, S, 3).double()
-    t = quadrature(3.0, 17)[0].double()
-    P = x @ A
-    angles = P.unsqueeze(-1) * t
-    cos_sums, sin_sums = fallback.ecf_sums(x, A, t, block_elements)
-    torch.testing.assert_close(cos_sums, angles.cos().sum(0), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sin_sums, angles.sin().sum(0), rtol=1e-12, atol=1e-12)
+    t = torch.arange(17, dtype=torch.float64) * (3.0 / 16)
+    angles = (x @ A).unsqueeze(-1) * t
+    cos_sums, sin_sums = fallback.ecf_sums(x.to(dtype), A, t, uniform_step, block_elements)
+    assert cos_sums.dtype == dtype and cos_sums.shape == (S, 17)
+    torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=tol * N)
+    torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
     grad_cos, grad_sin = torch.randn(2, S, 17, dtype=torch.float64)
-    grad_x = fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin, block_elements)
+    grad_x = fallback.ecf_sums_backward(x.to(dtype), A, t, grad_cos, grad_sin, uniform_step, block_elements)
     xr = x.clone().requires_grad_()
     angles = (xr @ A).unsqueeze(-1) * t
     ((angles.cos() * grad_cos).sum() + (angles.sin() * grad_sin).sum()).backward()
-    torch.testing.assert_close(grad_x, xr.grad, rtol=1e-10, atol=1e-12)
+    assert grad_x.dtype == dtype
+    torch.testing.assert_close(grad_x.double(), xr.grad, rtol=0, atol=tol * 10 * xr.grad.abs().max())
+
+
+@pytest.mark.parametrize("T, bound", [(17, 3e-6), (65, 3e-5), (129, 1.5e-4)])
+def test_recurrence_error_against_direct_trig(T, bound):
+    """fp32 Chebyshev recurrence vs fp32 direct trig, both against fp64, |P| up to ~8."""
+    N, D, S = 256, 16, 32
+    x = embeddings(N, D, seed=2) * 2.0
+    A = random_directions(D, S, 0).double()
+    t = torch.arange(T, dtype=torch.float64) * (3.0 / (T - 1))
+    angles = (x @ A).unsqueeze(-1) * t
+    truth = angles.cos().sum(0), angles.sin().sum(0)
+    recurrence = fallback.ecf_sums(x.float(), A, t, 3.0 / (T - 1))
+    direct = fallback.ecf_sums(x.float(), A, t)
+    for got_rec, got_dir, want in zip(recurrence, direct, truth):
+        assert (got_rec.double() - want).abs().max() / N < bound
+        assert (got_dir.double() - want).abs().max() / N < 1e-6
 
 
 def test_gradcheck_fp64():
