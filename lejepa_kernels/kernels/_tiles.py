@@ -53,3 +53,22 @@ def projection_tile(
             a_tile = a_tile.to(x_tile.dtype)
         acc = tl.dot(a_tile, x_tile, acc, input_precision=INPUT_PRECISION)
     return acc
+
+
+@triton.jit
+def chebyshev_start(p, dt, weight):
+    """Seeds of the recurrence for cos/sin(k dt p), k = 0, 1, ...: (2 cos(u), f_-1, f_0) for cos
+    and for sin, u = dt p, all scaled by weight (0 on padded rows makes every term 0)."""
+    u = p * dt
+    two_cos_u = 2.0 * tl.cos(u)
+    cos_prev = 0.5 * two_cos_u * weight  # cos(-u)
+    sin_prev = -tl.sin(u) * weight  # sin(-u)
+    cos_cur = tl.zeros_like(p) + weight
+    sin_cur = tl.zeros_like(p)
+    return two_cos_u, cos_prev, cos_cur, sin_prev, sin_cur
+
+
+@triton.jit
+def chebyshev_step(two_cos_u, prev, cur):
+    """(f_k, f_{k+1}) from (f_{k-1}, f_k): f_{k+1} = 2 cos(u) f_k - f_{k-1}."""
+    return cur, two_cos_u * cur - prev

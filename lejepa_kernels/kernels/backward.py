@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import projection_tile
+from ._tiles import chebyshev_start, chebyshev_step, projection_tile
 from .config import (
     BACKWARD_CONFIGS,
     KernelConfig,
@@ -72,21 +72,13 @@ def ecf_backward_kernel(
     sin_coef = cos_coef + T * S
     grad = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     if UNIFORM:
-        u = p * dt
-        two_cos_u = 2.0 * tl.cos(u)
-        sin_u = tl.sin(u)
-        cos_prev = 0.5 * two_cos_u
-        sin_prev = -sin_u
-        cos_cur = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32) + 1.0
-        sin_cur = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+        two_cos_u, cos_prev, cos_cur, sin_prev, sin_cur = chebyshev_start(p, dt, 1.0)
         for k in range(T):
             a = tl.load(cos_coef + k * S, mask=col_mask, other=0.0)
             b = tl.load(sin_coef + k * S, mask=col_mask, other=0.0)
             grad += cos_cur * a[:, None] + sin_cur * b[:, None]
-            cos_next = two_cos_u * cos_cur - cos_prev
-            sin_next = two_cos_u * sin_cur - sin_prev
-            cos_prev, cos_cur = cos_cur, cos_next
-            sin_prev, sin_cur = sin_cur, sin_next
+            cos_prev, cos_cur = chebyshev_step(two_cos_u, cos_prev, cos_cur)
+            sin_prev, sin_cur = chebyshev_step(two_cos_u, sin_prev, sin_cur)
     else:
         for k in range(T):
             angle = tl.load(t_ptr + k) * p

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import projection_tile
+from ._tiles import chebyshev_start, chebyshev_step, projection_tile
 from .config import (
     FORWARD_CONFIGS,
     KernelConfig,
@@ -73,20 +73,12 @@ def ecf_forward_kernel(
         # 1 on real rows, 0 on padding: it scales the recurrence's seeds, so padded rows add 0.
         valid = tl.where(row_mask, 1.0, 0.0)[None, :]
         if UNIFORM:
-            u = p * dt
-            two_cos_u = 2.0 * tl.cos(u)
-            sin_u = tl.sin(u)
-            cos_prev = 0.5 * two_cos_u * valid  # cos(-u)
-            sin_prev = -sin_u * valid  # sin(-u)
-            cos_cur = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32) + valid
-            sin_cur = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
+            two_cos_u, cos_prev, cos_cur, sin_prev, sin_cur = chebyshev_start(p, dt, valid)
             for k in range(T):
                 _accumulate(cos_out + k * S, col_mask, tl.sum(cos_cur, axis=1))
                 _accumulate(sin_out + k * S, col_mask, tl.sum(sin_cur, axis=1))
-                cos_next = two_cos_u * cos_cur - cos_prev
-                sin_next = two_cos_u * sin_cur - sin_prev
-                cos_prev, cos_cur = cos_cur, cos_next
-                sin_prev, sin_cur = sin_cur, sin_next
+                cos_prev, cos_cur = chebyshev_step(two_cos_u, cos_prev, cos_cur)
+                sin_prev, sin_cur = chebyshev_step(two_cos_u, sin_prev, sin_cur)
         else:
             for k in range(T):
                 angle = tl.load(t_ptr + k) * p
