@@ -1,10 +1,18 @@
-"""The one collective of a SIGReg step: global cos/sin sums and row count over all ranks."""
+"""The collectives of SIGReg under torch.distributed: one all-reduce of the ECF sums per step,
+and a broadcast of the step counter when a module first runs (or is reloaded).
+
+Both use `torch.distributed._functional_collectives`, which runs eagerly and traces under
+`torch.compile(fullgraph=True)` (`torch.distributed.nn.functional.all_reduce` raises there), and
+whose all-reduce is differentiable: its backward all-reduces (sums) the gradient.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_reduce
+import torch.distributed._functional_collectives as funcol
 
 
 def is_distributed() -> bool:
@@ -12,22 +20,47 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def global_sums(
-    cos_sums: torch.Tensor, sin_sums: torch.Tensor, n_rows: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum [S, T] cos/sin sums and the row count over ranks in one all-reduce.
+def check_group(group: Optional[dist.ProcessGroup]) -> None:
+    """Raise TypeError unless group is None (the world) or a torch.distributed ProcessGroup."""
+    if group is not None and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        raise TypeError(
+            "process_group must be None (the world) or a torch.distributed ProcessGroup, "
+            f"got {type(group).__name__}"
+        )
 
-    Returns (cos_sums, sin_sums, n) with n a 0-d tensor of the sums' dtype. Outside
-    torch.distributed nothing is communicated. The all-reduce is differentiable: its backward
-    sums the gradient over ranks, so rank r gets W times the gradient of its own rows.
+
+def _resolve(group: Optional[dist.ProcessGroup]) -> dist.ProcessGroup:
+    return dist.group.WORLD if group is None else group
+
+
+def all_reduce_sums(
+    cos_sums: torch.Tensor,
+    sin_sums: torch.Tensor,
+    n_rows: torch.Tensor,
+    group: Optional[dist.ProcessGroup] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum [S, T] cos/sin sums and the 0-d row count over the group's ranks in one all-reduce.
+
+    The three are packed into one buffer of 2*S*T + 1 values of the sums' dtype (fp32; fp64 for
+    fp64 embeddings). The all-reduce is differentiable: its backward sums the gradient over the
+    ranks, so rank r gets W times the gradient of its own rows (W = the group's size).
+    Returns (cos_sums, sin_sums, n_rows), summed, of the same shapes.
     """
-    n = cos_sums.new_full((1,), float(n_rows))
-    if not is_distributed():
-        return cos_sums, sin_sums, n[0]
-    packed = all_reduce(torch.cat([cos_sums.flatten(), sin_sums.flatten(), n]))
+    packed = torch.cat([cos_sums.flatten(), sin_sums.flatten(), n_rows.reshape(1)])
+    packed = funcol.wait_tensor(funcol.all_reduce(packed, "sum", _resolve(group)))
     size = cos_sums.numel()
     return (
         packed[:size].view_as(cos_sums),
         packed[size : 2 * size].view_as(sin_sums),
         packed[-1],
     )
+
+
+def broadcast_from_first_rank(
+    tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None
+) -> torch.Tensor:
+    """The value of `tensor` on the group's rank 0, as a new tensor on every rank of the group.
+
+    The tensor must be on a device the group's backend serves (NCCL: CUDA; gloo: CPU or CUDA).
+    """
+    return funcol.wait_tensor(funcol.broadcast(tensor, 0, _resolve(group)))

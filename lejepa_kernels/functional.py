@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from . import ops
-from .distributed import global_sums, is_distributed
+from .distributed import all_reduce_sums, check_group, is_distributed
 from .reference import quadrature
 
 BACKEND_ENV = "LEJEPA_KERNELS_BACKEND"
@@ -27,10 +29,10 @@ def check_config(num_slices: int, t_max: float, n_points: int) -> None:
         raise ValueError(f"n_points must be odd, got {n_points}")
 
 
-def check_embeddings(x: torch.Tensor) -> None:
-    """Raise TypeError/ValueError unless x is a floating [N, D] tensor, N >= 2, D >= 1.
+def check_embeddings(x: torch.Tensor, min_rows: int = 2) -> None:
+    """Raise TypeError/ValueError unless x is a floating [N, D] tensor, N >= min_rows, D >= 1.
 
-    Under torch.distributed a rank may hold a single row (the row count is global).
+    A rank whose sums are all-reduced may hold a single row (the row count is then global).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of shape [N, D], got {type(x).__name__}")
@@ -40,7 +42,6 @@ def check_embeddings(x: torch.Tensor) -> None:
         raise ValueError(f"x must be 2-D [N, D] (rows x features), got shape {tuple(x.shape)}")
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one feature column, got shape {tuple(x.shape)}")
-    min_rows = 1 if is_distributed() else 2
     if x.shape[0] < min_rows:
         raise ValueError(f"x must have at least {min_rows} rows, got shape {tuple(x.shape)}")
 
@@ -109,16 +110,24 @@ def sliced_epps_pulley_on_grid(
     weights: torch.Tensor,
     backend: str = "auto",
     uniform_step: float = 0.0,
+    *,
+    process_group: Optional[dist.ProcessGroup] = None,
+    distributed: bool = True,
 ) -> torch.Tensor:
     """SIGReg of x [N, D] on a given quadrature grid (t, phi, weights: [T] each).
 
-    The directions are the seed's for the 0-d integer tensor `step`. Under torch.distributed the
-    sums are global (one all-reduce). Returns a 0-d tensor, fp32 (fp64 for fp64 x).
+    The directions are the seed's for the 0-d integer tensor `step`. When torch.distributed is
+    initialised and `distributed` is true, the sums and row count are summed over the ranks of
+    `process_group` (None: the world) in one all-reduce, so the loss is that of the concatenated
+    batch. Returns a 0-d tensor, fp32 (fp64 for fp64 x).
     """
-    check_embeddings(x)
+    reduce = distributed and is_distributed()
+    check_embeddings(x, min_rows=1 if reduce else 2)
     A = ops.directions(step, x.shape[1], num_slices, x.device)
     cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend, uniform_step=uniform_step)
-    cos_sums, sin_sums, n = global_sums(cos_sums, sin_sums, x.shape[0])
+    n = cos_sums.new_full((), x.shape[0])
+    if reduce:
+        cos_sums, sin_sums, n = all_reduce_sums(cos_sums, sin_sums, n, process_group)
     return epps_pulley_from_sums(
         cos_sums, sin_sums, n, phi.to(cos_sums), weights.to(cos_sums)
     )
@@ -131,15 +140,34 @@ def sliced_epps_pulley(
     t_max: float = 3.0,
     n_points: int = 17,
     backend: str = "auto",
+    *,
+    process_group: Optional[dist.ProcessGroup] = None,
+    distributed: bool = True,
 ) -> torch.Tensor:
     """SIGReg loss: the seed's `SlicedEppsPulley` at `step`, without materialising [N, S, T].
 
     x: [N, D] embeddings, fp32/bf16/fp16/fp64. A non-finite value in x makes the loss (and the
     gradient) NaN; it raises nothing. Returns a 0-d tensor, fp32 (fp64 for fp64 x).
+
+    Under torch.distributed the loss is that of the batch concatenated over the ranks of
+    `process_group` (None: the world), and rank r's gradient is W times that of its rows; pass
+    the same `step` on every rank. `distributed=False` gives each rank the loss of its own rows.
     """
     check_config(num_slices, t_max, n_points)
+    check_group(process_group)
     if not isinstance(step, torch.Tensor):
         step = torch.tensor(int(step))
     t, phi, weights = quadrature(t_max, n_points)
     uniform_step = t_max / (n_points - 1)
-    return sliced_epps_pulley_on_grid(x, step, num_slices, t, phi, weights, backend, uniform_step)
+    return sliced_epps_pulley_on_grid(
+        x,
+        step,
+        num_slices,
+        t,
+        phi,
+        weights,
+        backend,
+        uniform_step,
+        process_group=process_group,
+        distributed=distributed,
+    )

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .functional import BACKEND_CHOICES, check_config, sliced_epps_pulley_on_grid
+from .distributed import broadcast_from_first_rank, check_group, is_distributed
+from .functional import (
+    BACKEND_CHOICES,
+    check_config,
+    check_embeddings,
+    sliced_epps_pulley_on_grid,
+)
 from .reference import EppsPulley, SlicedEppsPulley
 
 __all__ = ["EppsPulley", "SlicedEppsPulley", "FusedSlicedEppsPulley"]
@@ -28,31 +37,68 @@ class FusedSlicedEppsPulley(nn.Module):
     :param n_points: number of grid points (odd, >= 3).
     :param backend: "auto" (Triton for CUDA tensors when available, PyTorch otherwise; the
         environment variable LEJEPA_KERNELS_BACKEND overrides it), "torch" or "triton".
+    :param process_group: under torch.distributed, the ranks whose embeddings form the batch
+        (None: the world).
+    :param distributed: False computes each rank's SIGReg on its own rows (no communication),
+        for ablations; True (default) sums over the process group when torch.distributed is
+        initialised at call time.
+
+    Under torch.distributed the loss on every rank is that of the concatenated batch (one
+    all-reduce of the cos/sin sums and row count per call), and rank r's gradient is W times
+    that of its rows, so that DDP's gradient averaging gives the full-batch gradient. Every rank
+    must draw the same directions: the first call under torch.distributed (and the first after
+    `load_state_dict` or `resync_step`) broadcasts `global_step` from the group's rank 0; after
+    that every call advances it by one on every rank, with no further communication.
 
     The directions are drawn from a host-side copy of `global_step`, so a call on a GPU never
     waits for the device to read the step. The copy follows the module's own updates and
-    `load_state_dict`; after editing a GPU `global_step` in place by hand, call `resync_step()`.
+    `load_state_dict`; after editing `global_step` in place by hand, call `resync_step()`.
     """
 
     def __init__(
-        self, num_slices: int = 1024, t_max: float = 3.0, n_points: int = 17, *, backend: str = "auto"
+        self,
+        num_slices: int = 1024,
+        t_max: float = 3.0,
+        n_points: int = 17,
+        *,
+        backend: str = "auto",
+        process_group: Optional[dist.ProcessGroup] = None,
+        distributed: bool = True,
     ):
         super().__init__()
         check_config(num_slices, t_max, n_points)
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        check_group(process_group)
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
         self.num_slices = num_slices
         self.backend = backend
+        self.process_group = process_group
+        self.distributed = distributed
         self.uniform_step = t_max / (n_points - 1)
         self.ep = EppsPulley(t_max=t_max, n_points=n_points)
         self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
         self._host_step = torch.zeros((), dtype=torch.long)
+        self._step_broadcast = False
         self.register_load_state_dict_post_hook(lambda module, _: module.resync_step())
 
     def resync_step(self) -> None:
-        """Copy `global_step` to its host-side copy (waits for the device once)."""
+        """Copy `global_step` to its host-side copy (waits for the device once); the next call
+        under torch.distributed broadcasts it from rank 0 again."""
         with torch.no_grad():
             self._host_step.copy_(self.global_step)
+        self._step_broadcast = False
+
+    def _broadcast_step(self, device: torch.device) -> None:
+        """Set `global_step` and its host copy to rank 0's step (one collective, one sync).
+
+        The step travels on the embeddings' device, which the group's backend serves."""
+        with torch.no_grad():
+            step = broadcast_from_first_rank(self.global_step.to(device), self.process_group)
+            self.global_step.copy_(step)
+            self._host_step.copy_(step)
+        self._step_broadcast = True
 
     def _sampling_step(self) -> torch.Tensor:
         """The step as a CPU tensor: the buffer itself when it lives on the CPU, else the copy."""
@@ -64,6 +110,9 @@ class FusedSlicedEppsPulley(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] embeddings. Returns the scalar loss."""
+        if self.distributed and not self._step_broadcast and is_distributed():
+            check_embeddings(x, min_rows=1)
+            self._broadcast_step(x.device)
         step = self._sampling_step()
         loss = sliced_epps_pulley_on_grid(
             x,
@@ -74,6 +123,8 @@ class FusedSlicedEppsPulley(nn.Module):
             self.ep.weights,
             self.backend,
             self.uniform_step,
+            process_group=self.process_group,
+            distributed=self.distributed,
         )
         with torch.no_grad():
             self.global_step.add_(1)
@@ -81,4 +132,7 @@ class FusedSlicedEppsPulley(nn.Module):
         return loss
 
     def extra_repr(self) -> str:
-        return f"num_slices={self.num_slices}, n_points={self.ep.t.numel()}, backend={self.backend!r}"
+        return (
+            f"num_slices={self.num_slices}, n_points={self.ep.t.numel()}, "
+            f"backend={self.backend!r}, distributed={self.distributed}"
+        )
