@@ -30,7 +30,8 @@ from .config import (
 
 @triton.jit
 def _accumulate(ptr, col_mask, values):
-    """ptr[cols] += values: the slot belongs to this program alone, so no atomics."""
+    """ptr[cols] += values: the slot belongs to this program alone, so no atomics (a barrier
+    between row blocks orders the read after the previous block's write)."""
     tl.store(ptr, tl.load(ptr, mask=col_mask, other=0.0) + values, mask=col_mask)
 
 
@@ -84,6 +85,8 @@ def ecf_forward_kernel(
                 angle = tl.load(t_ptr + k) * p
                 _accumulate(cos_out + k * S, col_mask, tl.sum(tl.cos(angle) * valid, axis=1))
                 _accumulate(sin_out + k * S, col_mask, tl.sum(tl.sin(angle) * valid, axis=1))
+        # The next row block re-reads these sums, perhaps from other threads of the program.
+        tl.debug_barrier()
 
 
 def ecf_forward(
