@@ -40,31 +40,29 @@ def _recurrence_sign(k: int) -> float:
 
 def _grid_values(
     P: torch.Tensor, t: torch.Tensor, uniform_step: float
-) -> Iterator[tuple[int, float, torch.Tensor, torch.Tensor]]:
-    """For k = 0..T-1, (k, sign, c, s) with cos(t_k P) = sign * c and sin(t_k P) = sign * s.
+) -> Iterator[tuple[int, float, torch.Tensor]]:
+    """For k = 0..T-1, (k, sign, pair) with pair [2, rows, slices] and
+    (cos(t_k P), sin(t_k P)) = sign * (pair[0], pair[1]).
 
-    P: a [rows, slices] block. c and s are overwritten by the next step: use them at once.
-    With uniform_step > 0 (and P not fp64) the Chebyshev recurrence f_{k+1} = 2 cos(u) f_k -
-    f_{k-1}, u = uniform_step * P, runs in place on values stored with the signs + + - - (period
-    4), which turns each step into a single addcmul_.
+    P: a [rows, slices] block. `pair` is overwritten by the next step: use it at once. With
+    uniform_step > 0 (and P not fp64) the Chebyshev recurrence f_{k+1} = 2 cos(u) f_k - f_{k-1},
+    u = uniform_step * P, runs in place on values stored with the signs + + - - (period 4),
+    which makes each step a single addcmul_ over cos and sin together.
     """
     if uniform_step <= 0 or P.dtype == torch.float64:
         for k in range(t.numel()):
             angles = P * t[k]
-            yield k, 1.0, angles.cos(), angles.sin_()
+            yield k, 1.0, torch.stack([angles.cos(), angles.sin_()])
         return
     u = P * uniform_step
     two_cos = u.cos().mul_(2.0)
-    cos_prev, cos_cur = torch.ones_like(u), two_cos * 0.5
-    sin_prev, sin_cur = torch.zeros_like(u), u.sin_()
-    yield 0, 1.0, cos_prev, sin_prev
+    prev = torch.stack([torch.ones_like(u), torch.zeros_like(u)])
+    cur = torch.stack([two_cos * 0.5, u.sin_()])
+    yield 0, 1.0, prev
     for k in range(1, t.numel()):
-        yield k, _recurrence_sign(k), cos_cur, sin_cur
-        step_sign = _recurrence_sign(k + 1) * _recurrence_sign(k)
-        cos_prev.addcmul_(two_cos, cos_cur, value=step_sign)
-        sin_prev.addcmul_(two_cos, sin_cur, value=step_sign)
-        cos_prev, cos_cur = cos_cur, cos_prev
-        sin_prev, sin_cur = sin_cur, sin_prev
+        yield k, _recurrence_sign(k), cur
+        prev.addcmul_(two_cos, cur, value=_recurrence_sign(k + 1) * _recurrence_sign(k))
+        prev, cur = cur, prev
 
 
 def ecf_sums(
@@ -82,13 +80,12 @@ def ecf_sums(
     """
     dtype = compute_dtype(x)
     x, A, t = x.to(dtype), A.to(dtype), t.to(dtype)
-    cos_sums = x.new_zeros(t.numel(), A.shape[1])
-    sin_sums = x.new_zeros(t.numel(), A.shape[1])
+    sums = x.new_zeros(2, t.numel(), A.shape[1])
     for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
-        for k, sign, c, s in _grid_values(x[rows] @ A[:, cols], t, uniform_step):
-            cos_sums[k, cols].add_(c.sum(0), alpha=sign)
-            sin_sums[k, cols].add_(s.sum(0), alpha=sign)
-    return cos_sums.T.contiguous(), sin_sums.T.contiguous()
+        for k, sign, pair in _grid_values(x[rows] @ A[:, cols], t, uniform_step):
+            sums[:, k, cols].add_(pair.sum(1), alpha=sign)
+    # Two fresh [S, T] tensors (a custom op's outputs may not share storage).
+    return tuple(sums.new_empty(sums.shape[2], sums.shape[1]).copy_(table.T) for table in sums)
 
 
 def ecf_sums_backward(
@@ -114,8 +111,8 @@ def ecf_sums_backward(
     for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
         P = xc[rows] @ A[:, cols]
         grad_proj = torch.zeros_like(P)
-        for k, sign, c, s in _grid_values(P, t, uniform_step):
-            grad_proj.addcmul_(c, cos_coef[k, cols], value=sign)
-            grad_proj.addcmul_(s, sin_coef[k, cols], value=sign)
+        for k, sign, pair in _grid_values(P, t, uniform_step):
+            grad_proj.addcmul_(pair[0], cos_coef[k, cols], value=sign)
+            grad_proj.addcmul_(pair[1], sin_coef[k, cols], value=sign)
         grad_x[rows] += grad_proj @ A[:, cols].T
     return grad_x.to(x.dtype)
