@@ -209,17 +209,19 @@ def _digits(size: int) -> tuple[Dataset, tuple[float, ...], tuple[float, ...]]:
     return TensorDataset(images, torch.as_tensor(digits.target)), (mean,) * 3, (std,) * 3
 
 
+def _check_data_path(path: str) -> None:
+    if not Path(path).exists():
+        raise UsageError(f"--data {path}: no such directory")
+    if not Path(path).is_dir():
+        raise UsageError(f"--data {path}: not a directory (expected an ImageFolder: one sub-folder per class)")
+
+
 def _image_folder(path: str) -> Dataset:
     """torchvision's ImageFolder of ``path``: (PIL RGB image, class index) pairs."""
     from torchvision.datasets import ImageFolder
 
-    root = Path(path)
-    if not root.exists():
-        raise UsageError(f"--data {path}: no such directory")
-    if not root.is_dir():
-        raise UsageError(f"--data {path}: not a directory (expected an ImageFolder: one sub-folder per class)")
     try:
-        return ImageFolder(str(root))  # its loader opens every image as RGB
+        return ImageFolder(path)  # its loader opens every image as RGB
     except FileNotFoundError as err:
         raise UsageError(f"--data {path}: not an ImageFolder of images, one sub-folder per class ({err})") from None
 
@@ -451,6 +453,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = _resolve_device(args.device, local_rank)
+    if not digits:
+        _check_data_path(args.data)  # before the model is built: a typo should fail at once
     model = _build_model(args)
     _check_model_input(model, args.model, (args.image_size, args.local_size))
 

@@ -17,6 +17,16 @@ TINY = ["pretrain", "--model", "test_vit", "--image-size", "32", "--local-size",
         "--batch-size", "32", "--num-slices", "64", "--lamb", "0.1", "--lr", "1e-4", "--warmup", "0"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny runs gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP
+    # threads waiting for each other made them 5x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run(directory, name: str, *extra: str) -> dict:
     out = directory / f"{name}.json"
     assert main([*TINY, "--checkpoint", str(directory / f"{name}.pt"), "--out", str(out), *extra]) == 0
