@@ -130,7 +130,8 @@ def test_bad_resume_file(capsys, tmp_path, smoke_dir):
     err = error_of(capsys, *TINY[1:], "--resume", str(tmp_path / "none.pt"))
     assert "no such checkpoint file" in err
     (tmp_path / "junk.pt").write_text("not a checkpoint")
-    assert "not a checkpoint of lejepa-kernels pretrain" in error_of(capsys, *TINY[1:], "--resume", str(tmp_path / "junk.pt"))
+    err = error_of(capsys, *TINY[1:], "--resume", str(tmp_path / "junk.pt"))
+    assert "not a checkpoint of lejepa-kernels pretrain" in err
     err = error_of(capsys, *TINY[1:], "--model", "test_byobnet", "--resume", str(smoke_dir / "smoke.pt"))
     assert "holds a test_vit model, not test_byobnet: pass --model test_vit" in err
 
@@ -146,4 +147,5 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"lejepa-kernels pretrain: error: --data {tmp_path / 'nowhere'}: no such directory"]
+    expected = f"lejepa-kernels pretrain: error: --data {tmp_path / 'nowhere'}: no such directory"
+    assert proc.stderr.strip().splitlines() == [expected]
