@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from . import ops
+from . import cpu_kernel, ops
 from .distributed import all_reduce_sums, check_group, is_distributed
 from .reference import quadrature
 
@@ -47,18 +49,37 @@ def check_embeddings(x: torch.Tensor, min_rows: int = 2) -> None:
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that will run for x: "auto" (or $LEJEPA_KERNELS_BACKEND) picks Triton for
-    fp32/bf16/fp16 CUDA tensors when triton is installed, the PyTorch path otherwise."""
+    """The backend that will run for x. "auto" (or $LEJEPA_KERNELS_BACKEND) picks Triton for
+    fp32/bf16/fp16 CUDA tensors when triton is installed, the native kernel for fp32/bf16/fp16
+    CPU tensors when it builds (warning once when it does not), the PyTorch path otherwise."""
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto")
         if backend not in BACKEND_CHOICES:
             raise ValueError(f"${BACKEND_ENV} must be one of {BACKEND_CHOICES}, got {backend!r}")
-    if backend == "auto":
-        use_triton = x.is_cuda and x.dtype != torch.float64 and ops.triton_available()
-        return "triton" if use_triton else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if x.dtype == torch.float64:
+        return "torch"
+    if x.is_cuda:
+        return "triton" if ops.triton_available() else "torch"
+    if x.device.type == "cpu":
+        return "torch" if _cpu_kernel_missing() else "cpu"
+    return "torch"
+
+
+@functools.cache
+@torch.compiler.assume_constant_result
+def _cpu_kernel_missing() -> bool:
+    """True (after one warning) when the native CPU kernel cannot be built here; a constant
+    for torch.compile, which calls it once instead of tracing the build."""
+    reason = cpu_kernel.unavailable_reason()
+    if reason:
+        warnings.warn(
+            f"lejepa_kernels: using the slower PyTorch path on the CPU: {reason}", stacklevel=3
+        )
+    return reason is not None
 
 
 def ecf_sums(

@@ -6,9 +6,10 @@
 - `lejepa_kernels::ecf_sums(x, A, t, backend, uniform_step)`: the cos/sin sums over rows,
   [S, T] each, with a backward that recomputes the projections (`ecf_sums_backward`).
 
-`backend` is "torch" (the memory-bounded fallback) or "triton" (the fused kernels).
-`uniform_step` > 0 declares t_k = k * uniform_step, which lets the kernels use the trig
-recurrence; 0 means an arbitrary grid.
+`backend` is "torch" (the memory-bounded PyTorch path), "cpu" (the native CPU kernel; calls it
+does not take, such as fp64 or an arbitrary grid, run the PyTorch path) or "triton" (the fused
+CUDA kernels). `uniform_step` > 0 declares t_k = k * uniform_step, which lets the kernels use
+the trig recurrence; 0 means an arbitrary grid.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import importlib.util
 
 import torch
 
-from . import fallback
+from . import cpu_kernel, fallback
 from .reference import random_directions
 
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "cpu", "triton")
 
 
 def triton_available() -> bool:
@@ -44,6 +45,11 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton" and not triton_available():
         raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
+    if backend == "cpu" and cpu_kernel.unavailable_reason():
+        raise cpu_kernel.CpuKernelUnavailable(
+            f"backend='cpu' needs the native CPU kernel; use backend='torch'. "
+            f"{cpu_kernel.unavailable_reason()}"
+        )
 
 
 @torch.library.custom_op("lejepa_kernels::ecf_sums", mutates_args=())
@@ -56,6 +62,8 @@ def ecf_sums(
         from .kernels import ecf_forward
 
         return ecf_forward(x, A, t, uniform_step)
+    if backend == "cpu" and cpu_kernel.supports(x, t.numel(), uniform_step):
+        return cpu_kernel.ecf_sums(x, A, t.numel(), uniform_step)
     return fallback.ecf_sums(x, A, t, uniform_step)
 
 
@@ -82,6 +90,8 @@ def ecf_sums_backward(
         from .kernels import ecf_backward
 
         return ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step)
+    if backend == "cpu" and cpu_kernel.supports(x, t.numel(), uniform_step):
+        return cpu_kernel.ecf_sums_backward(x, A, t, grad_cos, grad_sin, uniform_step)
     return fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin, uniform_step)
 
 

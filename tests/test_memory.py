@@ -1,9 +1,10 @@
 """Structural memory: the PyTorch path never allocates nor saves an [N, S, T] (or [N, S]) tensor."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, fallback
+from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, cpu_kernel, fallback
 from lejepa_kernels.reference import quadrature, random_directions
 
 N, D, S, T = 160, 24, 1200, 17
@@ -63,6 +64,21 @@ def test_kernels_allocate_only_bounded_blocks():
             cos_sums, sin_sums = fallback.ecf_sums(x, A, t, uniform_step, block)
             fallback.ecf_sums_backward(x, A, t, cos_sums, sin_sums, uniform_step, block)
     assert probe.largest <= max(2 * block, N * D, D * S, 2 * T * S)
+    assert probe.largest < N * S
+
+
+@pytest.mark.skipif(cpu_kernel.unavailable_reason() is not None, reason="no native CPU kernel here")
+def test_cpu_kernel_allocates_only_bounded_blocks():
+    """The native kernel's torch side: cos and sin of one block, the fp64 [2, T, S] sums."""
+    block = 4096
+    x = torch.randn(N, D)
+    A = random_directions(D, S, 0)
+    t = quadrature(3.0, T)[0]
+    step = 3.0 / (T - 1)
+    with LargestAllocation() as probe:
+        cos_sums, sin_sums = cpu_kernel.ecf_sums(x, A, T, step, block)
+        cpu_kernel.ecf_sums_backward(x, A, t, cos_sums, sin_sums, step, block)
+    assert probe.largest <= max(block, N * D, D * S, 2 * T * S)
     assert probe.largest < N * S
 
 

@@ -43,7 +43,7 @@ def test_low_precision_error_no_worse_than_seed(dtype):
     N, D, S = 67, 48, 33
     x = embeddings(N, D, scale=0.7).to(dtype)
     truth_loss, truth_grad = loss_and_grad(SlicedEppsPulley(S), x.double())
-    loss, grad = loss_and_grad(FusedSlicedEppsPulley(S), x)
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(S, backend="torch"), x)
     seed_loss, seed_grad = loss_and_grad(SlicedEppsPulley(S), x)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     loss_err = (loss.double() - truth_loss).abs()
@@ -56,11 +56,12 @@ def test_low_precision_error_no_worse_than_seed(dtype):
 
 def test_functional_matches_module():
     x = embeddings(41, 12, torch.float32)
-    module = FusedSlicedEppsPulley(23, t_max=2.0, n_points=9)
+    module = FusedSlicedEppsPulley(23, t_max=2.0, n_points=9, backend="torch")
     module.global_step.fill_(4)
     expected = module(x)
-    torch.testing.assert_close(sliced_epps_pulley(x, 4, 23, t_max=2.0, n_points=9), expected)
-    torch.testing.assert_close(sliced_epps_pulley(x, torch.tensor(4), 23, 2.0, 9), expected)
+    got = sliced_epps_pulley(x, 4, 23, t_max=2.0, n_points=9, backend="torch")
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(sliced_epps_pulley(x, torch.tensor(4), 23, 2.0, 9, "torch"), expected)
 
 
 @pytest.mark.parametrize("block_elements", [1, 7, 40, 1 << 20])
@@ -114,7 +115,7 @@ def test_non_contiguous_input(view):
     base = embeddings(48, 60, torch.float32)
     x = {"transposed": base.T[:37, :24], "strided": base[::2, ::2], "offset": base[5:42, 7:31]}[view]
     assert not x.is_contiguous()
-    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19), x)
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19, backend="torch"), x)
     ref_loss, ref_grad = loss_and_grad(SlicedEppsPulley(19), x.contiguous())
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
@@ -125,6 +126,6 @@ def test_non_finite_input_gives_nan_not_an_error():
     x = embeddings(37, 24, torch.float32)
     x[3, 5] = float("inf")
     x[7, 1] = float("nan")
-    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19), x)
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19, backend="torch"), x)
     assert torch.isnan(loss)
     assert torch.isnan(grad).any()

@@ -1,0 +1,239 @@
+"""The native CPU backend: the ECF sums and their gradient with a small C kernel.
+
+The block loop is the PyTorch path's (`fallback.py`): each [rows x slices] block of projections
+`P = x_blk @ A_blk` is formed by torch, with cos(h P) and sin(h P); then `csrc/ecf_cpu.c` runs
+the Chebyshev recurrence over the grid t_k = k h in vector registers, summing over rows
+(forward) or forming dP (backward) in one pass, where the PyTorch path needs two tensor ops per
+grid point. The block's columns are split over `torch.get_num_threads()` threads (ctypes
+releases the GIL).
+
+The C source is compiled at first use with the system C compiler (`$CC`, else cc, gcc or clang;
+-O3 -march=native), about a second, and the library is cached in `$LEJEPA_KERNELS_CACHE` (else
+`~/.cache/lejepa_kernels`) under a name that hashes the source, compiler and CPU. The kernel
+takes CPU tensors on a uniform grid of at most `max_points()` points, computing in fp32 (fp32,
+bf16 and fp16 inputs); `supports` says whether a call qualifies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .fallback import BLOCK_ELEMENTS, blocks
+
+SOURCE = Path(__file__).parent / "csrc" / "ecf_cpu.c"
+CACHE_ENV = "LEJEPA_KERNELS_CACHE"
+VECTOR_WIDTH = 16
+"""Columns per vector in the kernel: thread column ranges are multiples of it."""
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-ffp-contract=fast"],
+    ["-O3", "-ffp-contract=fast"],  # compilers or CPUs without -march=native
+)
+
+
+class CpuKernelUnavailable(RuntimeError):
+    """The C kernel could not be built or loaded on this machine (the message says why)."""
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: $LEJEPA_KERNELS_CACHE, else ~/.cache/lejepa_kernels."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lejepa_kernels"
+
+
+def _compiler() -> list[str]:
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    for name in ("cc", "gcc", "clang"):
+        if shutil.which(name):
+            return [name]
+    raise CpuKernelUnavailable("no C compiler found (set $CC, or install gcc or clang)")
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> Path:
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(compiler).encode(), _cpu_signature().encode()])
+    ).hexdigest()[:16]
+    library = cache_dir() / f"ecf_cpu-{key}.so"
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for flags in _FLAG_SETS:
+        # Build beside the target, then rename: concurrent builders (DDP ranks) never see a
+        # partly written library.
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+        command = compiler + flags + ["-std=c11", "-shared", "-fPIC", str(SOURCE), "-o", partial]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            done, errors = None, errors + [f"{shlex.join(command)}: {error}"]
+        if done is not None and done.returncode == 0:
+            os.replace(partial, library)
+            return library
+        os.unlink(partial)
+        if done is not None:
+            errors.append(f"{shlex.join(command)}: {done.stderr.strip()[-2000:]}")
+    raise CpuKernelUnavailable("the C kernel did not compile:\n" + "\n".join(errors))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    if sys.platform == "win32":
+        raise CpuKernelUnavailable("the C kernel is built for Linux and macOS only")
+    path = _build()
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise CpuKernelUnavailable(f"could not load {path}: {error}") from error
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.ecf_forward_block.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64]
+    lib.ecf_forward_block.restype = None
+    lib.ecf_backward_block.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr]
+    lib.ecf_backward_block.restype = None
+    lib.ecf_max_points.argtypes = []
+    lib.ecf_max_points.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the C kernel builds and loads here, else why not (checked once per process)."""
+    try:
+        _library()
+    except CpuKernelUnavailable as error:
+        return str(error)
+    return None
+
+
+def max_points() -> int:
+    """The longest grid the kernel takes (raises CpuKernelUnavailable if it cannot load)."""
+    return _library().ecf_max_points()
+
+
+def supports(x: torch.Tensor, n_points: int, uniform_step: float) -> bool:
+    """True when the kernel takes this call: x on the CPU and not fp64, a uniform grid
+    (uniform_step > 0) of at most max_points() points. Assumes the kernel loads."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype != torch.float64
+        and uniform_step > 0
+        and n_points <= max_points()
+    )
+
+
+@functools.cache
+def _pool(n_threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per thread count and process (a forked child needs its own threads)."""
+    return ThreadPoolExecutor(n_threads, thread_name_prefix="lejepa_kernels")
+
+
+def _over_columns(call: Callable[[int, int], None], width: int) -> None:
+    """call(begin, end) on contiguous ranges covering [0, width), one per thread."""
+    per_thread = -(-width // max(1, torch.get_num_threads()))
+    per_thread = -(-per_thread // VECTOR_WIDTH) * VECTOR_WIDTH
+    ranges = [(begin, min(width, begin + per_thread)) for begin in range(0, width, per_thread)]
+    if len(ranges) == 1:
+        call(*ranges[0])
+        return
+    for future in [_pool(len(ranges), os.getpid()).submit(call, *r) for r in ranges]:
+        future.result()
+
+
+def _cos_sin(x_block: torch.Tensor, A_block: torch.Tensor, step: float):
+    """cos(h P) and sin(h P), [rows, cols] fp32 contiguous each, for P = x_block @ A_block."""
+    angles = torch.mm(x_block, A_block).mul_(step)
+    return angles.cos(), angles.sin_()
+
+
+def ecf_sums(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    n_points: int,
+    uniform_step: float,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, Z), [S, T] fp32 each: sums over rows of cos and sin of k * uniform_step * (x @ A).
+
+    x: [N, D] fp32/bf16/fp16 on the CPU; A: [D, S]; T = n_points. Partial sums over 256 rows
+    are added in fp64.
+    """
+    lib = _library()
+    x, A = x.float(), A.float()
+    n_slices = A.shape[1]
+    sums = torch.zeros(2, n_points, n_slices, dtype=torch.float64)
+    for rows, cols in blocks(x.shape[0], n_slices, block_elements):
+        cos_u, sin_u = _cos_sin(x[rows], A[:, cols], uniform_step)
+        n_rows, width = cos_u.shape
+        cos_out, sin_out = sums[0, :, cols], sums[1, :, cols]
+        _over_columns(
+            lambda begin, end: lib.ecf_forward_block(
+                cos_u.data_ptr(), sin_u.data_ptr(), n_rows, width, begin, end, n_points,
+                cos_out.data_ptr(), sin_out.data_ptr(), n_slices,
+            ),
+            width,
+        )
+    return sums[0].T.float().contiguous(), sums[1].T.float().contiguous()
+
+
+def ecf_sums_backward(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    grad_cos: torch.Tensor,
+    grad_sin: torch.Tensor,
+    uniform_step: float,
+    block_elements: int = BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """dx [N, D] in x's dtype from the gradients [S, T] of the sums, recomputing projections.
+
+    t: [T], the grid (t_k = k * uniform_step). dx = dP @ A^T with
+    dP[n, s] = sum_k t_k (cos(t_k P) grad_sin - sin(t_k P) grad_cos)[n, s, k].
+    """
+    lib = _library()
+    xc, A, t = x.float(), A.float(), t.float()
+    n_points, n_slices = t.numel(), A.shape[1]
+    # [T, S] each: the coefficients of cos(t_k P) and sin(t_k P) in dP.
+    cos_coef = (t * grad_sin.float()).T.contiguous()
+    sin_coef = (-t * grad_cos.float()).T.contiguous()
+    grad_x = torch.zeros_like(xc)
+    for rows, cols in blocks(xc.shape[0], n_slices, block_elements):
+        cos_u, sin_u = _cos_sin(xc[rows], A[:, cols], uniform_step)
+        n_rows, width = cos_u.shape
+        cos_in, sin_in = cos_coef[:, cols], sin_coef[:, cols]
+        _over_columns(
+            lambda begin, end: lib.ecf_backward_block(
+                cos_u.data_ptr(), sin_u.data_ptr(), n_rows, width, begin, end, n_points,
+                cos_in.data_ptr(), sin_in.data_ptr(), n_slices, cos_u.data_ptr(),
+            ),
+            width,
+        )
+        grad_x[rows].addmm_(cos_u, A[:, cols].T)  # cos_u now holds dP of the block
+    return grad_x.to(x.dtype)

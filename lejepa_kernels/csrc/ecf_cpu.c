@@ -1,0 +1,111 @@
+/* The native CPU kernels of lejepa_kernels: ECF sums and their gradient for one block of
+ * projections on a uniform grid t_k = k * h, k = 0 .. n_points - 1.
+ *
+ * Inputs are cos(u) and sin(u), u = h * P, for a block P [rows, ld] of projections (fp32,
+ * row-major). cos(k u) and sin(k u) follow from the Chebyshev recurrence
+ * f_{k+1} = 2 cos(u) f_k - f_{k-1}, run on VEC columns at a time in vector registers; nothing
+ * of size [rows, cols, n_points] exists. Each call covers the columns [col_begin, col_end), so
+ * that threads given disjoint column ranges never write to the same place.
+ *
+ * Built at first use by lejepa_kernels/cpu_kernel.py with the system C compiler.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#define VEC 16
+#define MAX_POINTS 128        /* longest grid the fixed-size accumulators hold */
+#define ROWS_PER_PARTIAL 256  /* fp32 partial sums over this many rows, then added in fp64 */
+
+typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
+
+/* The first `width` (<= VEC) floats at p, zeros after them. */
+static inline vfloat load(const float *p, int64_t width) {
+    vfloat v = {0};
+    if (width == VEC)
+        memcpy(&v, p, sizeof v);
+    else
+        memcpy(&v, p, (size_t)width * sizeof(float));
+    return v;
+}
+
+static inline void store(float *p, vfloat v, int64_t width) {
+    if (width == VEC)
+        memcpy(p, &v, sizeof v);
+    else
+        memcpy(p, &v, (size_t)width * sizeof(float));
+}
+
+int ecf_max_points(void) { return MAX_POINTS; }
+
+/* Adds, for k = 0 .. n_points - 1 and the columns j of [col_begin, col_end),
+ *   cos_sums[k * ld_sums + j] += sum_rows cos(k u[row, j]),
+ *   sin_sums[k * ld_sums + j] += sum_rows sin(k u[row, j]).
+ * cos_u, sin_u: [rows, ld] fp32. cos_sums, sin_sums: fp64, n_points rows of ld_sums. */
+void ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u, int64_t rows,
+                       int64_t ld, int64_t col_begin, int64_t col_end, int64_t n_points,
+                       double *restrict cos_sums, double *restrict sin_sums, int64_t ld_sums) {
+    vfloat acc_cos[MAX_POINTS], acc_sin[MAX_POINTS];
+    const vfloat one = (vfloat){0} + 1.0f;
+    for (int64_t j = col_begin; j < col_end; j += VEC) {
+        int64_t width = col_end - j < VEC ? col_end - j : VEC;
+        for (int64_t row0 = 0; row0 < rows; row0 += ROWS_PER_PARTIAL) {
+            int64_t row1 = row0 + ROWS_PER_PARTIAL < rows ? row0 + ROWS_PER_PARTIAL : rows;
+            for (int64_t k = 1; k < n_points; k++) acc_cos[k] = acc_sin[k] = (vfloat){0};
+            for (int64_t i = row0; i < row1; i++) {
+                vfloat c = load(cos_u + i * ld + j, width), s = load(sin_u + i * ld + j, width);
+                vfloat two_cos = c + c, c_prev = one, s_prev = {0};
+                acc_cos[1] += c;
+                acc_sin[1] += s;
+                for (int64_t k = 2; k < n_points; k++) {
+                    vfloat c_next = two_cos * c - c_prev, s_next = two_cos * s - s_prev;
+                    c_prev = c;
+                    s_prev = s;
+                    c = c_next;
+                    s = s_next;
+                    acc_cos[k] += c;
+                    acc_sin[k] += s;
+                }
+            }
+            for (int64_t k = 1; k < n_points; k++)
+                for (int64_t l = 0; l < width; l++) {
+                    cos_sums[k * ld_sums + j + l] += acc_cos[k][l];
+                    sin_sums[k * ld_sums + j + l] += acc_sin[k][l];
+                }
+        }
+        for (int64_t l = 0; l < width; l++) cos_sums[j + l] += (double)rows;
+    }
+}
+
+/* For the columns j of [col_begin, col_end) and every row i, writes
+ *   grad[i * ld + j] = sum_k cos_coef[k * ld_coef + j] cos(k u[i, j])
+ *                          + sin_coef[k * ld_coef + j] sin(k u[i, j]).
+ * cos_u, sin_u, grad: [rows, ld] fp32; grad may be cos_u or sin_u (each element is read before
+ * it is written, by the same call). cos_coef, sin_coef: fp32, n_points rows of ld_coef. */
+void ecf_backward_block(const float *cos_u, const float *sin_u, int64_t rows, int64_t ld,
+                        int64_t col_begin, int64_t col_end, int64_t n_points,
+                        const float *restrict cos_coef, const float *restrict sin_coef,
+                        int64_t ld_coef, float *grad) {
+    vfloat a[MAX_POINTS], b[MAX_POINTS];
+    const vfloat one = (vfloat){0} + 1.0f;
+    for (int64_t j = col_begin; j < col_end; j += VEC) {
+        int64_t width = col_end - j < VEC ? col_end - j : VEC;
+        for (int64_t k = 0; k < n_points; k++) {
+            a[k] = load(cos_coef + k * ld_coef + j, width);
+            b[k] = load(sin_coef + k * ld_coef + j, width);
+        }
+        for (int64_t i = 0; i < rows; i++) {
+            vfloat c = load(cos_u + i * ld + j, width), s = load(sin_u + i * ld + j, width);
+            vfloat two_cos = c + c, c_prev = one, s_prev = {0};
+            vfloat g = a[0] + a[1] * c + b[1] * s;
+            for (int64_t k = 2; k < n_points; k++) {
+                vfloat c_next = two_cos * c - c_prev, s_next = two_cos * s - s_prev;
+                c_prev = c;
+                s_prev = s;
+                c = c_next;
+                s = s_next;
+                g += a[k] * c + b[k] * s;
+            }
+            store(grad + i * ld + j, g, width);
+        }
+    }
+}

@@ -1,0 +1,193 @@
+"""The native CPU kernel against the fp64 oracle: sums, gradients, dtypes, tiling, threads, and
+what happens when it cannot be built."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, cpu_kernel, ecf_sums
+from lejepa_kernels.functional import resolve_backend
+from lejepa_kernels.reference import random_directions
+
+pytestmark = pytest.mark.skipif(
+    cpu_kernel.unavailable_reason() is not None,
+    reason=f"the native CPU kernel does not build here: {cpu_kernel.unavailable_reason()}",
+)
+
+
+def embeddings(N, D, dtype=torch.float64, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def loss_and_grad(module, x):
+    x = x.detach().clone().requires_grad_()
+    loss = module(x)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+def trig_sums_and_grad(x, A, t, grad_cos, grad_sin):
+    """fp64 truth: the sums [S, T] and the gradient of sum(C * grad_cos + Z * grad_sin)."""
+    x = x.detach().double().requires_grad_()
+    angles = (x @ A.double()).unsqueeze(-1) * t.double()
+    cos_sums, sin_sums = angles.cos().sum(0), angles.sin().sum(0)
+    ((cos_sums * grad_cos).sum() + (sin_sums * grad_sin).sum()).backward()
+    return cos_sums.detach(), sin_sums.detach(), x.grad
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_auto_picks_the_kernel_for_cpu_tensors():
+    assert resolve_backend("auto", torch.zeros(2, 2)) == "cpu"
+    assert resolve_backend("auto", torch.zeros(2, 2, dtype=torch.bfloat16)) == "cpu"
+    assert resolve_backend("auto", torch.zeros(2, 2, dtype=torch.float64)) == "torch"
+
+
+@pytest.mark.parametrize("N, D, S", [(37, 24, 19), (2, 3, 1), (300, 96, 257), (613, 7, 64)])
+def test_loss_and_gradient_match_the_fp64_oracle_over_steps(N, D, S):
+    x = embeddings(N, D)
+    fused = FusedSlicedEppsPulley(S, backend="cpu")
+    oracle = SlicedEppsPulley(S)
+    for _ in range(3):
+        loss, grad = loss_and_grad(fused, x.float())
+        ref_loss, ref_grad = loss_and_grad(oracle, x)
+        assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-4 * ref_grad.abs().max())
+    assert fused.global_step.item() == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_error_no_worse_than_seed(dtype):
+    """Against an fp64 truth, the kernel's error in a dtype is within the seed's own error."""
+    N, D, S = 67, 48, 33
+    x = embeddings(N, D, scale=0.7).to(dtype)
+    truth_loss, truth_grad = loss_and_grad(SlicedEppsPulley(S), x.double())
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(S, backend="cpu"), x)
+    seed_loss, seed_grad = loss_and_grad(SlicedEppsPulley(S), x)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert (loss.double() - truth_loss).abs() <= (seed_loss.double() - truth_loss).abs() + 1e-5 * truth_loss
+    grad_err = (grad.double() - truth_grad).abs().max()
+    assert grad_err <= (seed_grad.double() - truth_grad).abs().max() + 1e-3 * truth_grad.abs().max()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3], indirect=True)
+@pytest.mark.parametrize("block_elements", [1, 100, 5000, 1 << 20])
+def test_any_blocks_and_threads_give_the_sums_and_gradient(threads, block_elements):
+    """Blocks of one column up to all of them; column ranges split over 1-3 threads, with
+    partial vectors at their ends; more rows than one fp32 partial sum (256)."""
+    N, D, S, T = 533, 20, 71, 17
+    x = embeddings(N, D, seed=1)
+    A = random_directions(D, S, 3)
+    step = 3.0 / (T - 1)
+    t = torch.arange(T) * step
+    grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(2))
+    want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
+    cos_sums, sin_sums = cpu_kernel.ecf_sums(x.float(), A, T, step, block_elements)
+    assert cos_sums.dtype == torch.float32 and cos_sums.shape == (S, T)
+    torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=3e-6 * N)
+    torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=3e-6 * N)
+    grad_x = cpu_kernel.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, step, block_elements)
+    assert grad_x.dtype == torch.float32 and grad_x.shape == (N, D)
+    torch.testing.assert_close(grad_x.double(), want_grad, rtol=0, atol=2e-5 * want_grad.abs().max())
+
+
+@pytest.mark.parametrize("T, bound", [(3, 1e-6), (33, 1e-5), (129, 1.5e-4)])
+def test_grid_lengths_against_fp64_trig(T, bound):
+    """Short and long grids, |P| up to ~8 (the recurrence's error grows with T)."""
+    N, D, S = 256, 16, 40
+    x = embeddings(N, D, seed=2) * 2.0
+    A = random_directions(D, S, 0)
+    step = 3.0 / (T - 1)
+    t = torch.arange(T) * step
+    grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(3))
+    want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
+    cos_sums, sin_sums = ecf_sums(x.float(), A, t, "cpu", uniform_step=step)
+    assert (cos_sums.double() - want_cos).abs().max() / N < bound
+    assert (sin_sums.double() - want_sin).abs().max() / N < bound
+    grad_x = cpu_kernel.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, step)
+    assert (grad_x.double() - want_grad).abs().max() / want_grad.abs().max() < 10 * bound
+
+
+def test_calls_the_kernel_does_not_take_run_the_pytorch_path():
+    """fp64 input, an arbitrary grid and a grid longer than max_points() all still give the sums."""
+    N, D, S = 45, 9, 21
+    x = embeddings(N, D)
+    A = random_directions(D, S, 1)
+    long_grid = cpu_kernel.max_points() + 2
+    cases = [
+        (x, torch.linspace(0, 3, 17, dtype=torch.float64), 3.0 / 16, 1e-12),
+        (x.float(), torch.tensor([0.0, 0.3, 1.1, 2.9]), 0.0, 1e-6),
+        (x.float() * 0.3, torch.arange(long_grid) * (3.0 / (long_grid - 1)), 3.0 / (long_grid - 1), 3e-4),
+    ]
+    for x_in, t, step, tol in cases:
+        assert not cpu_kernel.supports(x_in, t.numel(), step)
+        cos_sums, sin_sums = ecf_sums(x_in, A, t, "cpu", uniform_step=step)
+        angles = (x_in.double() @ A.double()).unsqueeze(-1) * t.double()
+        torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=tol * N)
+        torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
+
+
+@pytest.mark.parametrize("view", ["transposed", "strided", "offset"])
+def test_non_contiguous_input(view):
+    base = embeddings(48, 60)
+    x = {"transposed": base.T[:37, :24], "strided": base[::2, ::2], "offset": base[5:42, 7:31]}[view]
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19, backend="cpu"), x.float())
+    ref_loss, ref_grad = loss_and_grad(SlicedEppsPulley(19), x.contiguous())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-4 * ref_grad.abs().max())
+    assert grad.shape == x.shape
+
+
+def test_non_finite_input_gives_nan_not_an_error():
+    x = embeddings(37, 24, torch.float32)
+    x[3, 5] = float("inf")
+    x[7, 1] = float("nan")
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19, backend="cpu"), x)
+    assert torch.isnan(loss)
+    assert torch.isnan(grad).any()
+
+
+def test_library_is_built_once_and_reused():
+    first = cpu_kernel._build()
+    assert first.exists() and first.parent == cpu_kernel.cache_dir()
+    modified = first.stat().st_mtime_ns
+    assert cpu_kernel._build() == first and first.stat().st_mtime_ns == modified
+
+
+def test_without_a_compiler_auto_warns_and_explicit_cpu_raises(tmp_path):
+    """A fresh cache and a compiler that does not exist: 'auto' falls back to the PyTorch path
+    with one warning and the same loss; backend='cpu' raises, saying why."""
+    script = (
+        "import warnings, torch, lejepa_kernels as lk\n"
+        "from lejepa_kernels.cpu_kernel import CpuKernelUnavailable\n"
+        "x = torch.randn(33, 8, generator=torch.Generator().manual_seed(0))\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    loss = lk.FusedSlicedEppsPulley(16)(x)\n"
+        "    lk.FusedSlicedEppsPulley(16)(x)\n"
+        "assert len(caught) == 1 and 'slower PyTorch path' in str(caught[0].message), caught\n"
+        "assert torch.equal(loss, lk.FusedSlicedEppsPulley(16, backend='torch')(x))\n"
+        "try:\n"
+        "    lk.FusedSlicedEppsPulley(16, backend='cpu')(x)\n"
+        "except CpuKernelUnavailable as error:\n"
+        "    assert 'did not compile' in str(error) and 'no-such-cc' in str(error), error\n"
+        "else:\n"
+        "    raise AssertionError('backend=cpu ran without its kernel')\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, CC="/nonexistent/no-such-cc", LEJEPA_KERNELS_CACHE=str(tmp_path))
+    env.pop("LEJEPA_KERNELS_BACKEND", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    assert not list(tmp_path.glob("*.so"))
