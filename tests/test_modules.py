@@ -9,7 +9,7 @@ import torch
 from conftest import DEVICE
 
 from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, sliced_epps_pulley
-from lejepa_kernels.reference import quadrature, random_directions
+from lejepa_kernels.reference import quadrature
 
 
 def test_state_dict_interchange_both_ways():
