@@ -26,13 +26,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .fallback import BLOCK_ELEMENTS, blocks
+from .fallback import BLOCK_ELEMENTS
 
 SOURCE = Path(__file__).parent / "csrc" / "ecf_cpu.c"
 CACHE_ENV = "LEJEPA_KERNELS_CACHE"
@@ -167,6 +167,17 @@ def _over_columns(call: Callable[[int, int], None], width: int) -> None:
         future.result()
 
 
+def _blocks(n_rows: int, n_slices: int, block_elements: int) -> Iterator[tuple[slice, slice]]:
+    """(row range, slice range) pairs covering [n_rows, n_slices]: each block has a vector of
+    columns per thread (or all of them), then as many columns and rows as block_elements allows."""
+    min_cols = VECTOR_WIDTH * max(1, torch.get_num_threads())
+    cols_per_block = min(n_slices, max(min_cols, block_elements // n_rows))
+    rows_per_block = min(n_rows, max(1, block_elements // cols_per_block))
+    for s0 in range(0, n_slices, cols_per_block):
+        for r0 in range(0, n_rows, rows_per_block):
+            yield slice(r0, r0 + rows_per_block), slice(s0, s0 + cols_per_block)
+
+
 def _cos_sin(x_block: torch.Tensor, A_block: torch.Tensor, step: float):
     """cos(h P) and sin(h P), [rows, cols] fp32 contiguous each, for P = x_block @ A_block."""
     angles = torch.mm(x_block, A_block).mul_(step)
@@ -189,7 +200,7 @@ def ecf_sums(
     x, A = x.float(), A.float()
     n_slices = A.shape[1]
     sums = torch.zeros(2, n_points, n_slices, dtype=torch.float64)
-    for rows, cols in blocks(x.shape[0], n_slices, block_elements):
+    for rows, cols in _blocks(x.shape[0], n_slices, block_elements):
         cos_u, sin_u = _cos_sin(x[rows], A[:, cols], uniform_step)
         n_rows, width = cos_u.shape
         cos_out, sin_out = sums[0, :, cols], sums[1, :, cols]
@@ -224,7 +235,7 @@ def ecf_sums_backward(
     cos_coef = (t * grad_sin.float()).T.contiguous()
     sin_coef = (-t * grad_cos.float()).T.contiguous()
     grad_x = torch.zeros_like(xc)
-    for rows, cols in blocks(xc.shape[0], n_slices, block_elements):
+    for rows, cols in _blocks(xc.shape[0], n_slices, block_elements):
         cos_u, sin_u = _cos_sin(xc[rows], A[:, cols], uniform_step)
         n_rows, width = cos_u.shape
         cos_in, sin_in = cos_coef[:, cols], sin_coef[:, cols]

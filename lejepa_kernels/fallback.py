@@ -25,7 +25,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def blocks(n_rows: int, n_slices: int, block_elements: int) -> Iterator[tuple[slice, slice]]:
+def _blocks(n_rows: int, n_slices: int, block_elements: int) -> Iterator[tuple[slice, slice]]:
     """(row range, slice range) pairs covering [n_rows, n_slices], each <= block_elements."""
     slices_per_block = min(n_slices, max(1, block_elements // n_rows))
     rows_per_block = min(n_rows, max(1, block_elements // slices_per_block))
@@ -81,7 +81,7 @@ def ecf_sums(
     dtype = compute_dtype(x)
     x, A, t = x.to(dtype), A.to(dtype), t.to(dtype)
     sums = x.new_zeros(2, t.numel(), A.shape[1])
-    for rows, cols in blocks(x.shape[0], A.shape[1], block_elements):
+    for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
         for k, sign, pair in _grid_values(x[rows] @ A[:, cols], t, uniform_step):
             sums[:, k, cols].add_(pair.sum(1), alpha=sign)
     # Two fresh [S, T] tensors (a custom op's outputs may not share storage).
@@ -108,7 +108,7 @@ def ecf_sums_backward(
     cos_coef = (t * grad_sin.to(dtype)).T.contiguous()
     sin_coef = (-t * grad_cos.to(dtype)).T.contiguous()
     grad_x = xc.new_zeros(xc.shape)
-    for rows, cols in blocks(x.shape[0], A.shape[1], block_elements):
+    for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
         P = xc[rows] @ A[:, cols]
         grad_proj = torch.zeros_like(P)
         for k, sign, pair in _grid_values(P, t, uniform_step):
