@@ -115,9 +115,9 @@ def _library() -> ctypes.CDLL:
         raise CpuKernelUnavailable(f"could not load {path}: {error}") from error
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.ecf_forward_block.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64]
-    lib.ecf_forward_block.restype = None
+    lib.ecf_forward_block.restype = ctypes.c_int
     lib.ecf_backward_block.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr]
-    lib.ecf_backward_block.restype = None
+    lib.ecf_backward_block.restype = ctypes.c_int
     lib.ecf_max_points.argtypes = []
     lib.ecf_max_points.restype = ctypes.c_int
     return lib
@@ -138,6 +138,11 @@ def max_points() -> int:
     return _library().ecf_max_points()
 
 
+def _check_points(n_points: int) -> None:
+    if not 1 <= n_points <= max_points():
+        raise ValueError(f"the native CPU kernel takes 1 to {max_points()} grid points, got {n_points}")
+
+
 def supports(x: torch.Tensor, n_points: int, uniform_step: float) -> bool:
     """True when the kernel takes this call: x on the CPU and not fp64, a uniform grid
     (uniform_step > 0) of at most max_points() points. Assumes the kernel loads."""
@@ -155,16 +160,18 @@ def _pool(n_threads: int, pid: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(n_threads, thread_name_prefix="lejepa_kernels")
 
 
-def _over_columns(call: Callable[[int, int], None], width: int) -> None:
-    """call(begin, end) on contiguous ranges covering [0, width), one per thread."""
+def _over_columns(call: Callable[[int, int], int], width: int) -> None:
+    """call(begin, end) on contiguous ranges covering [0, width), one per thread; each must
+    return 0 (the kernel's success)."""
     per_thread = -(-width // max(1, torch.get_num_threads()))
     per_thread = -(-per_thread // VECTOR_WIDTH) * VECTOR_WIDTH
     ranges = [(begin, min(width, begin + per_thread)) for begin in range(0, width, per_thread)]
     if len(ranges) == 1:
-        call(*ranges[0])
-        return
-    for future in [_pool(len(ranges), os.getpid()).submit(call, *r) for r in ranges]:
-        future.result()
+        codes = [call(*ranges[0])]
+    else:
+        codes = [f.result() for f in [_pool(len(ranges), os.getpid()).submit(call, *r) for r in ranges]]
+    if any(codes):
+        raise RuntimeError(f"the native CPU kernel failed (codes {codes})")
 
 
 def _blocks(n_rows: int, n_slices: int, block_elements: int) -> Iterator[tuple[slice, slice]]:
@@ -197,6 +204,7 @@ def ecf_sums(
     are added in fp64.
     """
     lib = _library()
+    _check_points(n_points)
     x, A = x.float(), A.float()
     n_slices = A.shape[1]
     sums = torch.zeros(2, n_points, n_slices, dtype=torch.float64)
@@ -231,6 +239,7 @@ def ecf_sums_backward(
     lib = _library()
     xc, A, t = x.float(), A.float(), t.float()
     n_points, n_slices = t.numel(), A.shape[1]
+    _check_points(n_points)
     # [T, S] each: the coefficients of cos(t_k P) and sin(t_k P) in dP.
     cos_coef = (t * grad_sin.float()).T.contiguous()
     sin_coef = (-t * grad_cos.float()).T.contiguous()

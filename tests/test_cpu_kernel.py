@@ -191,3 +191,13 @@ def test_without_a_compiler_auto_warns_and_explicit_cpu_raises(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_grid_longer_than_the_kernel_holds_is_refused_not_overrun():
+    x = embeddings(5, 3, torch.float32)
+    A = random_directions(3, 4, 0)
+    T = cpu_kernel.max_points() + 1
+    with pytest.raises(ValueError, match="grid points"):
+        cpu_kernel.ecf_sums(x, A, T, 0.1)
+    with pytest.raises(ValueError, match="grid points"):
+        cpu_kernel.ecf_sums_backward(x, A, torch.arange(T) * 0.1, torch.ones(4, T), torch.ones(4, T), 0.1)

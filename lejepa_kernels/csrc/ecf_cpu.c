@@ -7,13 +7,14 @@
  * of size [rows, cols, n_points] exists. Each call covers the columns [col_begin, col_end), so
  * that threads given disjoint column ranges never write to the same place.
  *
+ * Both functions return 0, or -1 (doing nothing) when n_points is not in [1, MAX_POINTS].
  * Built at first use by lejepa_kernels/cpu_kernel.py with the system C compiler.
  */
 #include <stdint.h>
 #include <string.h>
 
 #define VEC 16
-#define MAX_POINTS 128        /* longest grid the fixed-size accumulators hold */
+#define MAX_POINTS 129        /* longest grid the fixed-size accumulators hold */
 #define ROWS_PER_PARTIAL 256  /* fp32 partial sums over this many rows, then added in fp64 */
 
 typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
@@ -41,9 +42,10 @@ int ecf_max_points(void) { return MAX_POINTS; }
  *   cos_sums[k * ld_sums + j] += sum_rows cos(k u[row, j]),
  *   sin_sums[k * ld_sums + j] += sum_rows sin(k u[row, j]).
  * cos_u, sin_u: [rows, ld] fp32. cos_sums, sin_sums: fp64, n_points rows of ld_sums. */
-void ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u, int64_t rows,
-                       int64_t ld, int64_t col_begin, int64_t col_end, int64_t n_points,
-                       double *restrict cos_sums, double *restrict sin_sums, int64_t ld_sums) {
+int ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u, int64_t rows,
+                      int64_t ld, int64_t col_begin, int64_t col_end, int64_t n_points,
+                      double *restrict cos_sums, double *restrict sin_sums, int64_t ld_sums) {
+    if (n_points < 1 || n_points > MAX_POINTS) return -1;
     vfloat acc_cos[MAX_POINTS], acc_sin[MAX_POINTS];
     const vfloat one = (vfloat){0} + 1.0f;
     for (int64_t j = col_begin; j < col_end; j += VEC) {
@@ -74,6 +76,7 @@ void ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u,
         }
         for (int64_t l = 0; l < width; l++) cos_sums[j + l] += (double)rows;
     }
+    return 0;
 }
 
 /* For the columns j of [col_begin, col_end) and every row i, writes
@@ -81,10 +84,11 @@ void ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u,
  *                          + sin_coef[k * ld_coef + j] sin(k u[i, j]).
  * cos_u, sin_u, grad: [rows, ld] fp32; grad may be cos_u or sin_u (each element is read before
  * it is written, by the same call). cos_coef, sin_coef: fp32, n_points rows of ld_coef. */
-void ecf_backward_block(const float *cos_u, const float *sin_u, int64_t rows, int64_t ld,
-                        int64_t col_begin, int64_t col_end, int64_t n_points,
-                        const float *restrict cos_coef, const float *restrict sin_coef,
-                        int64_t ld_coef, float *grad) {
+int ecf_backward_block(const float *cos_u, const float *sin_u, int64_t rows, int64_t ld,
+                       int64_t col_begin, int64_t col_end, int64_t n_points,
+                       const float *restrict cos_coef, const float *restrict sin_coef,
+                       int64_t ld_coef, float *grad) {
+    if (n_points < 1 || n_points > MAX_POINTS) return -1;
     vfloat a[MAX_POINTS], b[MAX_POINTS];
     const vfloat one = (vfloat){0} + 1.0f;
     for (int64_t j = col_begin; j < col_end; j += VEC) {
@@ -108,4 +112,5 @@ void ecf_backward_block(const float *cos_u, const float *sin_u, int64_t rows, in
             store(grad + i * ld + j, g, width);
         }
     }
+    return 0;
 }
