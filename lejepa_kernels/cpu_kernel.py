@@ -93,14 +93,14 @@ def _build() -> Path:
         command = compiler + flags + ["-std=c11", "-shared", "-fPIC", str(SOURCE), "-o", partial]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            done, errors = None, errors + [f"{shlex.join(command)}: {error}"]
-        if done is not None and done.returncode == 0:
+            error = done.stderr.strip()[-2000:] if done.returncode else None
+        except (OSError, subprocess.TimeoutExpired) as failure:
+            error = str(failure)
+        if error is None:
             os.replace(partial, library)
             return library
         os.unlink(partial)
-        if done is not None:
-            errors.append(f"{shlex.join(command)}: {done.stderr.strip()[-2000:]}")
+        errors.append(f"{shlex.join(command)}: {error}")
     raise CpuKernelUnavailable("the C kernel did not compile:\n" + "\n".join(errors))
 
 
@@ -108,7 +108,12 @@ def _build() -> Path:
 def _library() -> ctypes.CDLL:
     if sys.platform == "win32":
         raise CpuKernelUnavailable("the C kernel is built for Linux and macOS only")
-    path = _build()
+    try:
+        path = _build()
+    except OSError as error:
+        raise CpuKernelUnavailable(
+            f"cannot write the kernel library ({error}); set ${CACHE_ENV} to a writable directory"
+        ) from error
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as error:

@@ -165,11 +165,15 @@ def test_library_is_built_once_and_reused():
     assert cpu_kernel._build() == first and first.stat().st_mtime_ns == modified
 
 
-def test_without_a_compiler_auto_warns_and_explicit_cpu_raises(tmp_path):
-    """A fresh cache and a compiler that does not exist: 'auto' falls back to the PyTorch path
-    with one warning and the same loss; backend='cpu' raises, saying why."""
+@pytest.mark.parametrize(
+    "broken, message",
+    [("compiler", "did not compile"), ("cache", "writable directory")],
+)
+def test_unbuildable_kernel_auto_warns_and_explicit_cpu_raises(tmp_path, broken, message):
+    """A compiler that does not exist, or a cache that cannot be a directory: 'auto' falls back
+    to the PyTorch path with one warning and the same loss; backend='cpu' raises, saying why."""
     script = (
-        "import warnings, torch, lejepa_kernels as lk\n"
+        "import sys, warnings, torch, lejepa_kernels as lk\n"
         "from lejepa_kernels.cpu_kernel import CpuKernelUnavailable\n"
         "x = torch.randn(33, 8, generator=torch.Generator().manual_seed(0))\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
@@ -181,16 +185,23 @@ def test_without_a_compiler_auto_warns_and_explicit_cpu_raises(tmp_path):
         "try:\n"
         "    lk.FusedSlicedEppsPulley(16, backend='cpu')(x)\n"
         "except CpuKernelUnavailable as error:\n"
-        "    assert 'did not compile' in str(error) and 'no-such-cc' in str(error), error\n"
+        "    assert sys.argv[1] in str(error), error\n"
         "else:\n"
         "    raise AssertionError('backend=cpu ran without its kernel')\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, CC="/nonexistent/no-such-cc", LEJEPA_KERNELS_CACHE=str(tmp_path))
+    env = dict(os.environ, LEJEPA_KERNELS_CACHE=str(tmp_path / "cache"))
     env.pop("LEJEPA_KERNELS_BACKEND", None)
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    if broken == "compiler":
+        env["CC"] = "/nonexistent/no-such-cc"
+    else:
+        (tmp_path / "cache").write_text("a file where the cache directory should be")
+        env["LEJEPA_KERNELS_CACHE"] = str(tmp_path / "cache" / "sub")
+    done = subprocess.run(
+        [sys.executable, "-c", script, message], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
-    assert not list(tmp_path.glob("*.so"))
+    assert not list(tmp_path.rglob("*.so"))
 
 
 def test_grid_longer_than_the_kernel_holds_is_refused_not_overrun():
