@@ -69,17 +69,19 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "torch"
 
 
-@functools.cache
 @torch.compiler.assume_constant_result
 def _cpu_kernel_missing() -> bool:
-    """True (after one warning) when the native CPU kernel cannot be built here; a constant
-    for torch.compile, which calls it once instead of tracing the build."""
+    """True (warning once) when the native CPU kernel cannot be built here; a constant for
+    torch.compile, which calls it instead of tracing the build."""
     reason = cpu_kernel.unavailable_reason()
     if reason:
-        warnings.warn(
-            f"lejepa_kernels: using the slower PyTorch path on the CPU: {reason}", stacklevel=3
-        )
+        _warn_once(f"lejepa_kernels: using the slower PyTorch path on the CPU: {reason}")
     return reason is not None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
 
 
 def ecf_sums(
