@@ -6,9 +6,37 @@ kernel is first launched, so setting it here, before any test module runs, is ea
 
 import os
 
+import pytest
 import torch
+
+from lejepa_kernels import cpu_kernel
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+CPU_BACKENDS = [
+    "torch",
+    pytest.param(
+        "cpu",
+        marks=pytest.mark.skipif(
+            cpu_kernel.unavailable_reason() is not None, reason="the native CPU kernel does not build here"
+        ),
+    ),
+]
+"""The backends that take CPU tensors: the PyTorch path and the native kernel."""
+
+
+def embeddings(N, D, dtype=torch.float64, seed=0, scale=1.0):
+    """[N, D] standard normal rows (times scale), drawn in fp64 then cast to dtype."""
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def loss_and_grad(module, x):
+    """(loss, dloss/dx) of module at a detached copy of x."""
+    x = x.detach().clone().requires_grad_()
+    loss = module(x)
+    loss.backward()
+    return loss.detach(), x.grad

@@ -1,24 +1,14 @@
-"""The memory-bounded PyTorch path against the oracle: losses, gradients, dtypes, tiling."""
+"""The memory-bounded PyTorch path against the oracle: losses, gradients, dtypes, tiling; the
+tests of dtypes and odd inputs also run the native CPU kernel."""
 
 import pytest
 import torch
+from conftest import CPU_BACKENDS, embeddings, loss_and_grad
 
 from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, fallback, sliced_epps_pulley
 from lejepa_kernels.reference import quadrature, random_directions
 
 SHAPES = [(37, 24, 19), (2, 3, 1), (300, 96, 257), (129, 7, 64)]
-
-
-def embeddings(N, D, dtype=torch.float64, seed=0, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
-
-
-def loss_and_grad(module, x):
-    x = x.detach().clone().requires_grad_()
-    loss = module(x)
-    loss.backward()
-    return loss.detach(), x.grad
 
 
 @pytest.mark.parametrize("N, D, S", SHAPES)
@@ -37,13 +27,14 @@ def test_matches_oracle_over_steps(N, D, S, dtype, rtol):
     assert fused.global_step.item() == oracle.global_step.item() == 3
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_error_no_worse_than_seed(dtype):
+def test_low_precision_error_no_worse_than_seed(dtype, backend):
     """Against an fp64 truth, our error in a dtype is within the seed's own error there."""
     N, D, S = 67, 48, 33
     x = embeddings(N, D, scale=0.7).to(dtype)
     truth_loss, truth_grad = loss_and_grad(SlicedEppsPulley(S), x.double())
-    loss, grad = loss_and_grad(FusedSlicedEppsPulley(S, backend="torch"), x)
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(S, backend=backend), x)
     seed_loss, seed_grad = loss_and_grad(SlicedEppsPulley(S), x)
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     loss_err = (loss.double() - truth_loss).abs()
@@ -110,22 +101,24 @@ def test_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda x: sliced_epps_pulley(x, 2, 4, 3.0, 5), (x,))
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("view", ["transposed", "strided", "offset"])
-def test_non_contiguous_input(view):
+def test_non_contiguous_input(view, backend):
     base = embeddings(48, 60, torch.float32)
     x = {"transposed": base.T[:37, :24], "strided": base[::2, ::2], "offset": base[5:42, 7:31]}[view]
     assert not x.is_contiguous()
-    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19, backend="torch"), x)
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19, backend=backend), x)
     ref_loss, ref_grad = loss_and_grad(SlicedEppsPulley(19), x.contiguous())
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
     assert grad.shape == x.shape
 
 
-def test_non_finite_input_gives_nan_not_an_error():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_finite_input_gives_nan_not_an_error(backend):
     x = embeddings(37, 24, torch.float32)
     x[3, 5] = float("inf")
     x[7, 1] = float("nan")
-    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19, backend="torch"), x)
+    loss, grad = loss_and_grad(FusedSlicedEppsPulley(19, backend=backend), x)
     assert torch.isnan(loss)
     assert torch.isnan(grad).any()

@@ -36,6 +36,28 @@ static inline void store(float *p, vfloat v, int64_t width) {
         memcpy(p, &v, (size_t)width * sizeof(float));
 }
 
+/* cos(k u) and sin(k u) for one vector of columns, at k (c, s) and k - 1 (c_prev, s_prev). */
+typedef struct {
+    vfloat c, s, c_prev, s_prev, two_cos;
+} harmonics;
+
+/* k = 1, from the `width` values of cos(u) and sin(u) at cos_u and sin_u. */
+static inline harmonics harmonics_start(const float *cos_u, const float *sin_u, int64_t width) {
+    harmonics h = {.c = load(cos_u, width), .s = load(sin_u, width), .s_prev = {0}};
+    h.c_prev = (vfloat){0} + 1.0f;
+    h.two_cos = h.c + h.c;
+    return h;
+}
+
+/* k -> k + 1: f_{k+1} = 2 cos(u) f_k - f_{k-1}, for cos and sin alike. */
+static inline void harmonics_next(harmonics *h) {
+    vfloat c_next = h->two_cos * h->c - h->c_prev, s_next = h->two_cos * h->s - h->s_prev;
+    h->c_prev = h->c;
+    h->s_prev = h->s;
+    h->c = c_next;
+    h->s = s_next;
+}
+
 int ecf_max_points(void) { return MAX_POINTS; }
 
 /* Adds, for k = 0 .. n_points - 1 and the columns j of [col_begin, col_end),
@@ -47,25 +69,17 @@ int ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u, 
                       double *restrict cos_sums, double *restrict sin_sums, int64_t ld_sums) {
     if (n_points < 1 || n_points > MAX_POINTS) return -1;
     vfloat acc_cos[MAX_POINTS], acc_sin[MAX_POINTS];
-    const vfloat one = (vfloat){0} + 1.0f;
     for (int64_t j = col_begin; j < col_end; j += VEC) {
         int64_t width = col_end - j < VEC ? col_end - j : VEC;
         for (int64_t row0 = 0; row0 < rows; row0 += ROWS_PER_PARTIAL) {
             int64_t row1 = row0 + ROWS_PER_PARTIAL < rows ? row0 + ROWS_PER_PARTIAL : rows;
             for (int64_t k = 1; k < n_points; k++) acc_cos[k] = acc_sin[k] = (vfloat){0};
             for (int64_t i = row0; i < row1; i++) {
-                vfloat c = load(cos_u + i * ld + j, width), s = load(sin_u + i * ld + j, width);
-                vfloat two_cos = c + c, c_prev = one, s_prev = {0};
-                acc_cos[1] += c;
-                acc_sin[1] += s;
-                for (int64_t k = 2; k < n_points; k++) {
-                    vfloat c_next = two_cos * c - c_prev, s_next = two_cos * s - s_prev;
-                    c_prev = c;
-                    s_prev = s;
-                    c = c_next;
-                    s = s_next;
-                    acc_cos[k] += c;
-                    acc_sin[k] += s;
+                harmonics h = harmonics_start(cos_u + i * ld + j, sin_u + i * ld + j, width);
+                for (int64_t k = 1; k < n_points; k++) {
+                    if (k > 1) harmonics_next(&h);
+                    acc_cos[k] += h.c;
+                    acc_sin[k] += h.s;
                 }
             }
             for (int64_t k = 1; k < n_points; k++)
@@ -90,7 +104,6 @@ int ecf_backward_block(const float *cos_u, const float *sin_u, int64_t rows, int
                        int64_t ld_coef, float *grad) {
     if (n_points < 1 || n_points > MAX_POINTS) return -1;
     vfloat a[MAX_POINTS], b[MAX_POINTS];
-    const vfloat one = (vfloat){0} + 1.0f;
     for (int64_t j = col_begin; j < col_end; j += VEC) {
         int64_t width = col_end - j < VEC ? col_end - j : VEC;
         for (int64_t k = 0; k < n_points; k++) {
@@ -98,16 +111,11 @@ int ecf_backward_block(const float *cos_u, const float *sin_u, int64_t rows, int
             b[k] = load(sin_coef + k * ld_coef + j, width);
         }
         for (int64_t i = 0; i < rows; i++) {
-            vfloat c = load(cos_u + i * ld + j, width), s = load(sin_u + i * ld + j, width);
-            vfloat two_cos = c + c, c_prev = one, s_prev = {0};
-            vfloat g = a[0] + a[1] * c + b[1] * s;
-            for (int64_t k = 2; k < n_points; k++) {
-                vfloat c_next = two_cos * c - c_prev, s_next = two_cos * s - s_prev;
-                c_prev = c;
-                s_prev = s;
-                c = c_next;
-                s = s_next;
-                g += a[k] * c + b[k] * s;
+            harmonics h = harmonics_start(cos_u + i * ld + j, sin_u + i * ld + j, width);
+            vfloat g = a[0];
+            for (int64_t k = 1; k < n_points; k++) {
+                if (k > 1) harmonics_next(&h);
+                g += a[k] * h.c + b[k] * h.s;
             }
             store(grad + i * ld + j, g, width);
         }
