@@ -1,7 +1,8 @@
 """Test session set-up: without a GPU, Triton kernels run in its CPU interpreter.
 
-TRITON_INTERPRET must be set before triton is imported; the package imports triton only when a
-kernel is first launched, so setting it here, before any test module runs, is early enough.
+TRITON_INTERPRET must be set before triton is imported: importing torch does not import it, but
+importing lejepa_kernels does (through torch.compile's machinery), so it is set here first. Also
+the helpers the test modules share.
 """
 
 import os
@@ -9,10 +10,10 @@ import os
 import pytest
 import torch
 
-from lejepa_kernels import cpu_kernel
-
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from lejepa_kernels import cpu_kernel  # noqa: E402  (after TRITON_INTERPRET is set)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
