@@ -8,9 +8,11 @@ recorded with status "OOM" and a single empty round.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,16 @@ from conftest import DEVICE, device_name, peak_rates
 from workloads import Workload, make_input, make_module, step_functions
 
 DTYPE = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
-ROUNDS = 20 if DEVICE.type == "cuda" else 3
+CPU_SECONDS_PER_BENCHMARK = 3.0
 _seed_memory: dict[tuple[str, str], float] = {}
+
+
+def rounds_for(call_seconds: float) -> int:
+    """Timed rounds: 20 on a GPU; on the CPU as many as fill CPU_SECONDS_PER_BENCHMARK, 3 to 15
+    (the noisier fast calls get more rounds, a 4-second seed call gets 3)."""
+    if DEVICE.type == "cuda":
+        return 20
+    return max(3, min(15, math.ceil(CPU_SECONDS_PER_BENCHMARK / max(call_seconds, 1e-6))))
 
 
 def matmul_flops(workload: Workload, mode: str) -> float:
@@ -79,14 +89,16 @@ def test_sigreg(benchmark, provider: str, workload: Workload, mode: str):
         for _ in range(2):  # compilation, autotuning and allocator warm-up stay untimed
             if setup:
                 setup()
+            started = time.perf_counter()
             target()
+            call_seconds = time.perf_counter() - started
         if DEVICE.type == "cuda":
             peak = gpu_peak_extra_mib(setup, target)
         elif mode == "forward+backward":
             peak = cpu_peak_extra_mib(provider, workload, mode)
         else:
             peak = None
-        benchmark.pedantic(target, setup=setup, rounds=ROUNDS, iterations=1)
+        benchmark.pedantic(target, setup=setup, rounds=rounds_for(call_seconds), iterations=1)
     except torch.OutOfMemoryError:
         benchmark.extra_info["status"] = "OOM"
         torch.cuda.empty_cache()
