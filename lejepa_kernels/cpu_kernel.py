@@ -1,11 +1,11 @@
 """The native CPU backend: the ECF sums and their gradient with a small C kernel.
 
-The block loop is the PyTorch path's (`fallback.py`): each [rows x slices] block of projections
-`P = x_blk @ A_blk` is formed by torch, with cos(h P) and sin(h P); then `csrc/ecf_cpu.c` runs
-the Chebyshev recurrence over the grid t_k = k h in vector registers, summing over rows
-(forward) or forming dP (backward) in one pass, where the PyTorch path needs two tensor ops per
-grid point. The block's columns are split over `torch.get_num_threads()` threads (ctypes
-releases the GIL).
+The block loop is the PyTorch path's (`fallback.py`): torch forms each [rows x slices] block of
+projections `P = x_blk @ A_blk`; then `csrc/ecf_cpu.c` takes one vector sincos of u = h P and
+runs the Chebyshev recurrence over the grid t_k = k h in vector registers, summing over rows
+(forward) or forming dP in place of P (backward) in one pass, where the PyTorch path needs two
+tensor ops per grid point. The block's columns are split over `torch.get_num_threads()` threads
+(ctypes releases the GIL).
 
 The C source is compiled at first use with the system C compiler (`$CC`, else cc, gcc or clang;
 -O3 -march=native), about a second, and the library is cached in `$LEJEPA_KERNELS_CACHE` (else
@@ -90,7 +90,7 @@ def _build() -> Path:
         # partly written library.
         fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
         os.close(fd)
-        command = compiler + flags + ["-std=c11", "-shared", "-fPIC", str(SOURCE), "-o", partial]
+        command = compiler + flags + ["-std=c11", "-shared", "-fPIC", str(SOURCE), "-lm", "-o", partial]
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=300)
             error = done.stderr.strip()[-2000:] if done.returncode else None
@@ -118,10 +118,10 @@ def _library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
     except OSError as error:
         raise CpuKernelUnavailable(f"could not load {path}: {error}") from error
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.ecf_forward_block.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64]
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.ecf_forward_block.argtypes = [ptr, i64, i64, f32, i64, i64, i64, ptr, ptr, i64]
     lib.ecf_forward_block.restype = ctypes.c_int
-    lib.ecf_backward_block.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, ptr]
+    lib.ecf_backward_block.argtypes = [ptr, i64, i64, f32, i64, i64, i64, ptr, ptr, i64]
     lib.ecf_backward_block.restype = ctypes.c_int
     lib.ecf_max_points.argtypes = []
     lib.ecf_max_points.restype = ctypes.c_int
@@ -190,12 +190,6 @@ def _blocks(n_rows: int, n_slices: int, block_elements: int) -> Iterator[tuple[s
             yield slice(r0, r0 + rows_per_block), slice(s0, s0 + cols_per_block)
 
 
-def _cos_sin(x_block: torch.Tensor, A_block: torch.Tensor, step: float):
-    """cos(h P) and sin(h P), [rows, cols] fp32 contiguous each, for P = x_block @ A_block."""
-    angles = torch.mm(x_block, A_block).mul_(step)
-    return angles.cos(), angles.sin_()
-
-
 def ecf_sums(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -214,12 +208,12 @@ def ecf_sums(
     n_slices = A.shape[1]
     sums = torch.zeros(2, n_points, n_slices, dtype=torch.float64)
     for rows, cols in _blocks(x.shape[0], n_slices, block_elements):
-        cos_u, sin_u = _cos_sin(x[rows], A[:, cols], uniform_step)
-        n_rows, width = cos_u.shape
+        P = torch.mm(x[rows], A[:, cols])
+        n_rows, width = P.shape
         cos_out, sin_out = sums[0, :, cols], sums[1, :, cols]
         _over_columns(
             lambda begin, end: lib.ecf_forward_block(
-                cos_u.data_ptr(), sin_u.data_ptr(), n_rows, width, begin, end, n_points,
+                P.data_ptr(), n_rows, width, uniform_step, begin, end, n_points,
                 cos_out.data_ptr(), sin_out.data_ptr(), n_slices,
             ),
             width,
@@ -250,15 +244,15 @@ def ecf_sums_backward(
     sin_coef = (-t * grad_cos.float()).T.contiguous()
     grad_x = torch.zeros_like(xc)
     for rows, cols in _blocks(xc.shape[0], n_slices, block_elements):
-        cos_u, sin_u = _cos_sin(xc[rows], A[:, cols], uniform_step)
-        n_rows, width = cos_u.shape
+        P = torch.mm(xc[rows], A[:, cols])
+        n_rows, width = P.shape
         cos_in, sin_in = cos_coef[:, cols], sin_coef[:, cols]
         _over_columns(
             lambda begin, end: lib.ecf_backward_block(
-                cos_u.data_ptr(), sin_u.data_ptr(), n_rows, width, begin, end, n_points,
-                cos_in.data_ptr(), sin_in.data_ptr(), n_slices, cos_u.data_ptr(),
+                P.data_ptr(), n_rows, width, uniform_step, begin, end, n_points,
+                cos_in.data_ptr(), sin_in.data_ptr(), n_slices,
             ),
             width,
         )
-        grad_x[rows].addmm_(cos_u, A[:, cols].T)  # cos_u now holds dP of the block
+        grad_x[rows].addmm_(P, A[:, cols].T)  # P now holds the block's dP
     return grad_x.to(x.dtype)

@@ -94,6 +94,28 @@ def test_grid_lengths_against_fp64_trig(T, bound):
     assert (grad_x.double() - want_grad).abs().max() / want_grad.abs().max() < 10 * bound
 
 
+@pytest.mark.parametrize(
+    "scale, t_max, T, tol",
+    [(300.0, 3.0, 17, 2e-3), (1.0, 3e4, 3, 2e-2)],
+    ids=["all-quadrants", "beyond-sincos-limit"],
+)
+def test_large_angles(scale, t_max, T, tol):
+    """|u| = |h P| up to ~200 (every quadrant of the kernel's sincos), and up to ~5e4, past its
+    limit of 8192 (those vectors take libm). fp32 rounding of P and u bounds the agreement."""
+    N, D, S = 40, 8, 37
+    x = embeddings(N, D, torch.float32, seed=4, scale=scale)
+    A = random_directions(D, S, 2)
+    step = t_max / (T - 1)
+    t = torch.arange(T) * step
+    grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(5))
+    want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
+    cos_sums, sin_sums = cpu_kernel.ecf_sums(x, A, T, step)
+    torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=tol * N)
+    torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=tol * N)
+    grad_x = cpu_kernel.ecf_sums_backward(x, A, t, grad_cos, grad_sin, step)
+    torch.testing.assert_close(grad_x.double(), want_grad, rtol=0, atol=tol * want_grad.abs().max())
+
+
 def test_calls_the_kernel_does_not_take_run_the_pytorch_path():
     """fp64 input, an arbitrary grid and a grid longer than max_points() all still give the sums."""
     N, D, S = 45, 9, 21

@@ -1,23 +1,26 @@
 /* The native CPU kernels of lejepa_kernels: ECF sums and their gradient for one block of
  * projections on a uniform grid t_k = k * h, k = 0 .. n_points - 1.
  *
- * Inputs are cos(u) and sin(u), u = h * P, for a block P [rows, ld] of projections (fp32,
- * row-major). cos(k u) and sin(k u) follow from the Chebyshev recurrence
- * f_{k+1} = 2 cos(u) f_k - f_{k-1}, run on VEC columns at a time in vector registers; nothing
- * of size [rows, cols, n_points] exists. Each call covers the columns [col_begin, col_end), so
- * that threads given disjoint column ranges never write to the same place.
+ * Input is a block P [rows, ld] of projections (fp32, row-major). With u = h P, cos(u) and
+ * sin(u) come from one vector sincos, then cos(k u) and sin(k u) from the Chebyshev recurrence
+ * f_{k+1} = 2 cos(u) f_k - f_{k-1}, VEC columns at a time in vector registers; nothing of size
+ * [rows, cols, n_points] exists. Each call covers the columns [col_begin, col_end), so that
+ * threads given disjoint column ranges never write to the same place.
  *
  * Both functions return 0, or -1 (doing nothing) when n_points is not in [1, MAX_POINTS].
  * Built at first use by lejepa_kernels/cpu_kernel.py with the system C compiler.
  */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define VEC 16
 #define MAX_POINTS 129        /* longest grid the fixed-size accumulators hold */
 #define ROWS_PER_PARTIAL 256  /* fp32 partial sums over this many rows, then added in fp64 */
+#define SINCOS_LIMIT 8192.0f  /* |u| beyond which a vector takes libm's sinf/cosf */
 
 typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(VEC * sizeof(int32_t))));
 
 /* The first `width` (<= VEC) floats at p, zeros after them. */
 static inline vfloat load(const float *p, int64_t width) {
@@ -36,14 +39,48 @@ static inline void store(float *p, vfloat v, int64_t width) {
         memcpy(p, &v, (size_t)width * sizeof(float));
 }
 
+/* cos(u) and sin(u): u = q pi/2 + r with |r| <= pi/4 (pi/2 split in three parts, exact
+ * products for |q| < 2^12), minimax polynomials for cos r and sin r, then the quadrant q mod 4
+ * swaps and negates them. A vector holding |u| > SINCOS_LIMIT (or inf, or nan) uses libm. */
+static inline void sincos_vec(vfloat u, vfloat *cos_u, vfloat *sin_u) {
+    vint magnitude = (vint)u & 0x7fffffff;
+    vint beyond = magnitude > (vint)((vfloat){0} + SINCOS_LIMIT);
+    int any_beyond = 0;
+    for (int l = 0; l < VEC; l++) any_beyond |= beyond[l];
+    if (any_beyond) {
+        for (int l = 0; l < VEC; l++) {
+            (*cos_u)[l] = cosf(u[l]);
+            (*sin_u)[l] = sinf(u[l]);
+        }
+        return;
+    }
+    const vfloat round_shift = (vfloat){0} + 12582912.0f; /* 1.5 * 2^23 */
+    vfloat qf = (u * 0.636619772367581343f + round_shift) - round_shift;
+    vint q = __builtin_convertvector(qf, vint);
+    vfloat r = u - qf * 1.5703125f;
+    r = r - qf * 4.837512969970703125e-4f;
+    r = r - qf * 7.54978995489188216e-8f;
+    vfloat z = r * r;
+    vfloat sin_r = r + r * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
+    vfloat cos_r = 1.0f - 0.5f * z
+                   + z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f
+                                                           + z * 2.443315711809948e-5f));
+    vint odd = -(q & 1); /* all ones where q is odd: sin and cos trade places */
+    vint s = ((vint)cos_r & odd) | ((vint)sin_r & ~odd);
+    vint c = ((vint)sin_r & odd) | ((vint)cos_r & ~odd);
+    *sin_u = (vfloat)(s ^ ((q & 2) << 30));       /* negative in quadrants 2, 3 */
+    *cos_u = (vfloat)(c ^ (((q + 1) & 2) << 30)); /* negative in quadrants 1, 2 */
+}
+
 /* cos(k u) and sin(k u) for one vector of columns, at k (c, s) and k - 1 (c_prev, s_prev). */
 typedef struct {
     vfloat c, s, c_prev, s_prev, two_cos;
 } harmonics;
 
-/* k = 1, from the `width` values of cos(u) and sin(u) at cos_u and sin_u. */
-static inline harmonics harmonics_start(const float *cos_u, const float *sin_u, int64_t width) {
-    harmonics h = {.c = load(cos_u, width), .s = load(sin_u, width), .s_prev = {0}};
+/* k = 1, for u = step * (the `width` projections at p). */
+static inline harmonics harmonics_start(const float *p, float step, int64_t width) {
+    harmonics h = {.s_prev = {0}};
+    sincos_vec(load(p, width) * step, &h.c, &h.s);
     h.c_prev = (vfloat){0} + 1.0f;
     h.two_cos = h.c + h.c;
     return h;
@@ -61,11 +98,11 @@ static inline void harmonics_next(harmonics *h) {
 int ecf_max_points(void) { return MAX_POINTS; }
 
 /* Adds, for k = 0 .. n_points - 1 and the columns j of [col_begin, col_end),
- *   cos_sums[k * ld_sums + j] += sum_rows cos(k u[row, j]),
- *   sin_sums[k * ld_sums + j] += sum_rows sin(k u[row, j]).
- * cos_u, sin_u: [rows, ld] fp32. cos_sums, sin_sums: fp64, n_points rows of ld_sums. */
-int ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u, int64_t rows,
-                      int64_t ld, int64_t col_begin, int64_t col_end, int64_t n_points,
+ *   cos_sums[k * ld_sums + j] += sum_rows cos(k step P[row, j]),
+ *   sin_sums[k * ld_sums + j] += sum_rows sin(k step P[row, j]).
+ * P: [rows, ld] fp32. cos_sums, sin_sums: fp64, n_points rows of ld_sums. */
+int ecf_forward_block(const float *restrict P, int64_t rows, int64_t ld, float step,
+                      int64_t col_begin, int64_t col_end, int64_t n_points,
                       double *restrict cos_sums, double *restrict sin_sums, int64_t ld_sums) {
     if (n_points < 1 || n_points > MAX_POINTS) return -1;
     vfloat acc_cos[MAX_POINTS], acc_sin[MAX_POINTS];
@@ -75,7 +112,7 @@ int ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u, 
             int64_t row1 = row0 + ROWS_PER_PARTIAL < rows ? row0 + ROWS_PER_PARTIAL : rows;
             for (int64_t k = 1; k < n_points; k++) acc_cos[k] = acc_sin[k] = (vfloat){0};
             for (int64_t i = row0; i < row1; i++) {
-                harmonics h = harmonics_start(cos_u + i * ld + j, sin_u + i * ld + j, width);
+                harmonics h = harmonics_start(P + i * ld + j, step, width);
                 for (int64_t k = 1; k < n_points; k++) {
                     if (k > 1) harmonics_next(&h);
                     acc_cos[k] += h.c;
@@ -93,15 +130,13 @@ int ecf_forward_block(const float *restrict cos_u, const float *restrict sin_u, 
     return 0;
 }
 
-/* For the columns j of [col_begin, col_end) and every row i, writes
- *   grad[i * ld + j] = sum_k cos_coef[k * ld_coef + j] cos(k u[i, j])
- *                          + sin_coef[k * ld_coef + j] sin(k u[i, j]).
- * cos_u, sin_u, grad: [rows, ld] fp32; grad may be cos_u or sin_u (each element is read before
- * it is written, by the same call). cos_coef, sin_coef: fp32, n_points rows of ld_coef. */
-int ecf_backward_block(const float *cos_u, const float *sin_u, int64_t rows, int64_t ld,
-                       int64_t col_begin, int64_t col_end, int64_t n_points,
-                       const float *restrict cos_coef, const float *restrict sin_coef,
-                       int64_t ld_coef, float *grad) {
+/* For the columns j of [col_begin, col_end) and every row i, overwrites P with
+ *   P[i * ld + j] = sum_k cos_coef[k * ld_coef + j] cos(k step P[i, j])
+ *                       + sin_coef[k * ld_coef + j] sin(k step P[i, j]).
+ * P: [rows, ld] fp32. cos_coef, sin_coef: fp32, n_points rows of ld_coef. */
+int ecf_backward_block(float *P, int64_t rows, int64_t ld, float step, int64_t col_begin,
+                       int64_t col_end, int64_t n_points, const float *restrict cos_coef,
+                       const float *restrict sin_coef, int64_t ld_coef) {
     if (n_points < 1 || n_points > MAX_POINTS) return -1;
     vfloat a[MAX_POINTS], b[MAX_POINTS];
     for (int64_t j = col_begin; j < col_end; j += VEC) {
@@ -111,13 +146,13 @@ int ecf_backward_block(const float *cos_u, const float *sin_u, int64_t rows, int
             b[k] = load(sin_coef + k * ld_coef + j, width);
         }
         for (int64_t i = 0; i < rows; i++) {
-            harmonics h = harmonics_start(cos_u + i * ld + j, sin_u + i * ld + j, width);
+            harmonics h = harmonics_start(P + i * ld + j, step, width);
             vfloat g = a[0];
             for (int64_t k = 1; k < n_points; k++) {
                 if (k > 1) harmonics_next(&h);
                 g += a[k] * h.c + b[k] * h.s;
             }
-            store(grad + i * ld + j, g, width);
+            store(P + i * ld + j, g, width);
         }
     }
     return 0;
