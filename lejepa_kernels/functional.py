@@ -95,8 +95,8 @@ def ecf_sums(
     """Sums over rows of cos and sin of t_k (x @ A), differentiable in x (A and t take none).
 
     x: [N, D] float; A: [D, S]; t: [T]. Returns (C, Z), [S, T] each, fp32 (fp64 for fp64 x).
-    uniform_step > 0 promises t_k = k * uniform_step (the Triton kernels then replace the trig
-    calls by a recurrence); the default 0 makes no promise.
+    uniform_step > 0 promises t_k = k * uniform_step (the CPU and Triton kernels then replace
+    the trig calls by a recurrence); the default 0 makes no promise.
     """
     if A.dim() != 2 or A.shape[0] != x.shape[1]:
         raise ValueError(f"A must be [D, S] with D = x.shape[1] = {x.shape[1]}, got {tuple(A.shape)}")
