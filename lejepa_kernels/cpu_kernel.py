@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,8 +53,12 @@ def cache_dir() -> Path:
     """Where built libraries are kept: $LEJEPA_KERNELS_CACHE, else ~/.cache/lejepa_kernels."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "lejepa_kernels"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "lejepa_kernels"
+    try:
+        return Path.home() / ".cache" / "lejepa_kernels"
+    except RuntimeError as error:  # no $HOME and no password entry
+        raise CpuKernelUnavailable(f"no home directory ({error}); set ${CACHE_ENV}") from error
 
 
 def _compiler() -> list[str]:
@@ -74,12 +79,26 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
+def _compiler_version(compiler: list[str]) -> str:
+    try:
+        done = subprocess.run(
+            compiler + ["--version"], capture_output=True, text=True, errors="replace", timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout
+
+
 def _build() -> Path:
     compiler = _compiler()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(compiler).encode(), _cpu_signature().encode()])
-    ).hexdigest()[:16]
+    identity = [
+        SOURCE.read_text(),
+        shlex.join(compiler),
+        _compiler_version(compiler),
+        repr(_FLAG_SETS),
+        _cpu_signature(),
+    ]
+    key = hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
     library = cache_dir() / f"ecf_cpu-{key}.so"
     if library.exists():
         return library
@@ -92,11 +111,14 @@ def _build() -> Path:
         os.close(fd)
         command = compiler + flags + ["-std=c11", "-shared", "-fPIC", str(SOURCE), "-lm", "-o", partial]
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            done = subprocess.run(
+                command, capture_output=True, text=True, errors="replace", timeout=300
+            )
             error = done.stderr.strip()[-2000:] if done.returncode else None
         except (OSError, subprocess.TimeoutExpired) as failure:
             error = str(failure)
         if error is None:
+            os.chmod(partial, 0o755)  # mkstemp made it private; a shared cache serves every user
             os.replace(partial, library)
             return library
         os.unlink(partial)
@@ -159,10 +181,21 @@ def supports(x: torch.Tensor, n_points: int, uniform_step: float) -> bool:
     )
 
 
-@functools.cache
-def _pool(n_threads: int, pid: int) -> ThreadPoolExecutor:
-    """One pool per thread count and process (a forked child needs its own threads)."""
-    return ThreadPoolExecutor(n_threads, thread_name_prefix="lejepa_kernels")
+_pool_lock = threading.Lock()
+_pool_state: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
+
+
+def _pool(n_threads: int) -> ThreadPoolExecutor:
+    """This process's worker threads, at least n_threads of them: one pool, grown on demand (a
+    forked child gets its own)."""
+    global _pool_state
+    with _pool_lock:
+        if _pool_state is None or _pool_state[0] != os.getpid() or _pool_state[1] < n_threads:
+            if _pool_state is not None and _pool_state[0] == os.getpid():
+                _pool_state[2].shutdown(wait=False)
+            pool = ThreadPoolExecutor(n_threads, thread_name_prefix="lejepa_kernels")
+            _pool_state = (os.getpid(), n_threads, pool)
+        return _pool_state[2]
 
 
 def _over_columns(call: Callable[[int, int], int], width: int) -> None:
@@ -174,7 +207,7 @@ def _over_columns(call: Callable[[int, int], int], width: int) -> None:
     if len(ranges) == 1:
         codes = [call(*ranges[0])]
     else:
-        codes = [f.result() for f in [_pool(len(ranges), os.getpid()).submit(call, *r) for r in ranges]]
+        codes = [f.result() for f in [_pool(len(ranges)).submit(call, *r) for r in ranges]]
     if any(codes):
         raise RuntimeError(f"the native CPU kernel failed (codes {codes})")
 

@@ -4,19 +4,22 @@ what happens when it cannot be built."""
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
-from conftest import embeddings, loss_and_grad
+from conftest import embeddings, has_c_compiler, loss_and_grad
 
 from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, cpu_kernel, ecf_sums
 from lejepa_kernels.functional import resolve_backend
 from lejepa_kernels.reference import random_directions
 
-pytestmark = pytest.mark.skipif(
-    cpu_kernel.unavailable_reason() is not None,
-    reason=f"the native CPU kernel does not build here: {cpu_kernel.unavailable_reason()}",
-)
+pytestmark = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler here")
+
+
+def test_kernel_builds_where_a_compiler_exists():
+    assert cpu_kernel.unavailable_reason() is None
 
 
 def trig_sums_and_grad(x, A, t, grad_cos, grad_sin):
@@ -135,11 +138,44 @@ def test_calls_the_kernel_does_not_take_run_the_pytorch_path():
         torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
 
 
-def test_library_is_built_once_and_reused():
+def test_library_is_built_once_reused_and_readable_by_all():
     first = cpu_kernel._build()
     assert first.exists() and first.parent == cpu_kernel.cache_dir()
+    assert first.stat().st_mode & 0o755 == 0o755  # a shared cache serves other users
     modified = first.stat().st_mtime_ns
     assert cpu_kernel._build() == first and first.stat().st_mtime_ns == modified
+
+
+def test_one_worker_pool_whatever_the_thread_counts():
+    """Changing torch's thread count grows the one pool; worker threads do not pile up."""
+    x = embeddings(40, 6, torch.float32)
+    A = random_directions(6, 300, 0)
+    before = torch.get_num_threads()
+    try:
+        for n in (2, 5, 3, 8, 2):
+            torch.set_num_threads(n)
+            cpu_kernel.ecf_sums(x, A, 5, 0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert cpu_kernel._pool(1)._max_workers <= 8
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the replaced pools' threads exit once idle
+        workers = [t for t in threading.enumerate() if t.name.startswith("lejepa_kernels")]
+        if len(workers) <= 8:
+            break
+        time.sleep(0.05)
+    assert len(workers) <= 8
+
+
+def test_no_home_directory_is_an_unavailable_kernel(monkeypatch):
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    for name in (cpu_kernel.CACHE_ENV, "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_kernel.Path, "home", no_home)
+    with pytest.raises(cpu_kernel.CpuKernelUnavailable, match="LEJEPA_KERNELS_CACHE"):
+        cpu_kernel.cache_dir()
 
 
 @pytest.mark.parametrize(

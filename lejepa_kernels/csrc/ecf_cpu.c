@@ -21,6 +21,7 @@
 
 typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(VEC * sizeof(int32_t))));
+typedef uint32_t vuint __attribute__((vector_size(VEC * sizeof(uint32_t))));
 
 /* The first `width` (<= VEC) floats at p, zeros after them. */
 static inline vfloat load(const float *p, int64_t width) {
@@ -40,7 +41,7 @@ static inline void store(float *p, vfloat v, int64_t width) {
 }
 
 /* cos(u) and sin(u): u = q pi/2 + r with |r| <= pi/4 (pi/2 split in three parts, exact
- * products for |q| < 2^12), minimax polynomials for cos r and sin r, then the quadrant q mod 4
+ * products for |q| < 2^13), minimax polynomials for cos r and sin r, then the quadrant q mod 4
  * swaps and negates them. A vector holding |u| > SINCOS_LIMIT (or inf, or nan) uses libm. */
 static inline void sincos_vec(vfloat u, vfloat *cos_u, vfloat *sin_u) {
     vint magnitude = (vint)u & 0x7fffffff;
@@ -68,8 +69,8 @@ static inline void sincos_vec(vfloat u, vfloat *cos_u, vfloat *sin_u) {
     vint odd = -(q & 1); /* all ones where q is odd: sin and cos trade places */
     vint s = ((vint)cos_r & odd) | ((vint)sin_r & ~odd);
     vint c = ((vint)sin_r & odd) | ((vint)cos_r & ~odd);
-    *sin_u = (vfloat)(s ^ ((q & 2) << 30));       /* negative in quadrants 2, 3 */
-    *cos_u = (vfloat)(c ^ (((q + 1) & 2) << 30)); /* negative in quadrants 1, 2 */
+    *sin_u = (vfloat)((vuint)s ^ ((vuint)(q & 2) << 30));       /* negative in quadrants 2, 3 */
+    *cos_u = (vfloat)((vuint)c ^ ((vuint)((q + 1) & 2) << 30)); /* negative in quadrants 1, 2 */
 }
 
 /* cos(k u) and sin(k u) for one vector of columns, at k (c, s) and k - 1 (c_prev, s_prev). */
