@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .fallback import BLOCK_ELEMENTS
+from .fallback import BLOCK_ELEMENTS, grad_proj_coefficients
 
 SOURCE = Path(__file__).parent / "csrc" / "ecf_cpu.c"
 CACHE_ENV = "LEJEPA_KERNELS_CACHE"
@@ -272,9 +272,7 @@ def ecf_sums_backward(
     xc, A, t = x.float(), A.float(), t.float()
     n_points, n_slices = t.numel(), A.shape[1]
     _check_points(n_points)
-    # [T, S] each: the coefficients of cos(t_k P) and sin(t_k P) in dP.
-    cos_coef = (t * grad_sin.float()).T.contiguous()
-    sin_coef = (-t * grad_cos.float()).T.contiguous()
+    cos_coef, sin_coef = grad_proj_coefficients(t, grad_cos, grad_sin)
     grad_x = torch.zeros_like(xc)
     for rows, cols in _blocks(xc.shape[0], n_slices, block_elements):
         P = torch.mm(xc[rows], A[:, cols])

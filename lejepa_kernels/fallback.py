@@ -88,6 +88,17 @@ def ecf_sums(
     return tuple(sums.new_empty(sums.shape[2], sums.shape[1]).copy_(table.T) for table in sums)
 
 
+def grad_proj_coefficients(
+    t: torch.Tensor, grad_cos: torch.Tensor, grad_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coefficients of cos(t_k P) and sin(t_k P) in dP: t * grad_sin and -t * grad_cos,
+    each [T, S] contiguous in t's dtype, from the [S, T] gradients of the cos and sin sums."""
+    return (
+        (t * grad_sin.to(t.dtype)).T.contiguous(),
+        (-t * grad_cos.to(t.dtype)).T.contiguous(),
+    )
+
+
 def ecf_sums_backward(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -104,9 +115,7 @@ def ecf_sums_backward(
     """
     dtype = compute_dtype(x)
     xc, A, t = x.to(dtype), A.to(dtype), t.to(dtype)
-    # [T, S] each: the coefficients of cos(t_k P) and sin(t_k P) in dP.
-    cos_coef = (t * grad_sin.to(dtype)).T.contiguous()
-    sin_coef = (-t * grad_cos.to(dtype)).T.contiguous()
+    cos_coef, sin_coef = grad_proj_coefficients(t, grad_cos, grad_sin)
     grad_x = xc.new_zeros(xc.shape)
     for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
         P = xc[rows] @ A[:, cols]
