@@ -19,6 +19,9 @@ import torch
 BLOCK_ELEMENTS = 1 << 18
 """Default number of projections (rows x slices) per block: 1 MiB per fp32 temporary."""
 
+RESTART_INTERVAL = 16
+"""Grid points between restarts of the trig recurrence from direct cos/sin (see _grid_values)."""
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """fp64 for fp64 input, fp32 for every other float dtype (bf16 and fp16 included)."""
@@ -38,6 +41,14 @@ def _recurrence_sign(k: int) -> float:
     return 1.0 if k % 4 < 2 else -1.0
 
 
+def _direct_pair(P: torch.Tensor, t_k: float, sign: float, out: torch.Tensor) -> None:
+    """out [2, rows, slices] = sign * (cos(t_k P), sin(t_k P)): a restart of the recurrence."""
+    angles = P * t_k
+    torch.cos(angles, out=out[0])
+    torch.sin(angles, out=out[1])
+    out.mul_(sign)
+
+
 def _grid_values(
     P: torch.Tensor, t: torch.Tensor, uniform_step: float
 ) -> Iterator[tuple[int, float, torch.Tensor]]:
@@ -47,7 +58,9 @@ def _grid_values(
     P: a [rows, slices] block. `pair` is overwritten by the next step: use it at once. With
     uniform_step > 0 (and P not fp64) the Chebyshev recurrence f_{k+1} = 2 cos(u) f_k - f_{k-1},
     u = uniform_step * P, runs in place on values stored with the signs + + - - (period 4),
-    which makes each step a single addcmul_ over cos and sin together.
+    which makes each step a single addcmul_ over cos and sin together. Its fp32 error grows
+    about as k^2, so it restarts from direct trig every RESTART_INTERVAL points (never on
+    grids of up to RESTART_INTERVAL + 1 points, the default 17 included).
     """
     if uniform_step <= 0 or P.dtype == torch.float64:
         for k in range(t.numel()):
@@ -60,6 +73,9 @@ def _grid_values(
     cur = torch.stack([two_cos * 0.5, u.sin_()])
     yield 0, 1.0, prev
     for k in range(1, t.numel()):
+        if k % RESTART_INTERVAL == 1 and k > 1:
+            _direct_pair(P, k * uniform_step, _recurrence_sign(k), cur)
+            _direct_pair(P, (k - 1) * uniform_step, _recurrence_sign(k - 1), prev)
         yield k, _recurrence_sign(k), cur
         prev.addcmul_(two_cos, cur, value=_recurrence_sign(k + 1) * _recurrence_sign(k))
         prev, cur = cur, prev

@@ -4,7 +4,8 @@
  * Input is a block P [rows, ld] of projections (fp32, row-major). With u = h P, cos(u) and
  * sin(u) come from one vector sincos, then cos(k u) and sin(k u) from the Chebyshev recurrence
  * f_{k+1} = 2 cos(u) f_k - f_{k-1}, VEC columns at a time in vector registers; nothing of size
- * [rows, cols, n_points] exists. Each call covers the columns [col_begin, col_end), so that
+ * [rows, cols, n_points] exists. The recurrence's error grows about as k^2, so it restarts from
+ * a direct sincos every RESTART_INTERVAL points (not within the default 17-point grid). Each call covers the columns [col_begin, col_end), so that
  * threads given disjoint column ranges never write to the same place.
  *
  * Both functions return 0, or -1 (doing nothing) when n_points is not in [1, MAX_POINTS].
@@ -18,6 +19,7 @@
 #define MAX_POINTS 129        /* longest grid the fixed-size accumulators hold */
 #define ROWS_PER_PARTIAL 256  /* fp32 partial sums over this many rows, then added in fp64 */
 #define SINCOS_LIMIT 8192.0f  /* |u| beyond which a vector takes libm's sinf/cosf */
+#define RESTART_INTERVAL 16   /* grid points between restarts of the recurrence */
 
 typedef float vfloat __attribute__((vector_size(VEC * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(VEC * sizeof(int32_t))));
@@ -87,8 +89,15 @@ static inline harmonics harmonics_start(const float *p, float step, int64_t widt
     return h;
 }
 
-/* k -> k + 1: f_{k+1} = 2 cos(u) f_k - f_{k-1}, for cos and sin alike. */
-static inline void harmonics_next(harmonics *h) {
+/* k - 1 -> k (k >= 2): f_k = 2 cos(u) f_{k-1} - f_{k-2}, for cos and sin alike, or a direct
+ * sincos of k u and (k - 1) u every RESTART_INTERVAL points (p, step, width: as at the start). */
+static inline void harmonics_next(harmonics *h, int64_t k, const float *p, float step, int64_t width) {
+    if (k % RESTART_INTERVAL == 1) {
+        vfloat P = load(p, width);
+        sincos_vec(P * (step * (float)k), &h->c, &h->s);
+        sincos_vec(P * (step * (float)(k - 1)), &h->c_prev, &h->s_prev);
+        return;
+    }
     vfloat c_next = h->two_cos * h->c - h->c_prev, s_next = h->two_cos * h->s - h->s_prev;
     h->c_prev = h->c;
     h->s_prev = h->s;
@@ -113,9 +122,10 @@ int ecf_forward_block(const float *restrict P, int64_t rows, int64_t ld, float s
             int64_t row1 = row0 + ROWS_PER_PARTIAL < rows ? row0 + ROWS_PER_PARTIAL : rows;
             for (int64_t k = 1; k < n_points; k++) acc_cos[k] = acc_sin[k] = (vfloat){0};
             for (int64_t i = row0; i < row1; i++) {
-                harmonics h = harmonics_start(P + i * ld + j, step, width);
+                const float *p = P + i * ld + j;
+                harmonics h = harmonics_start(p, step, width);
                 for (int64_t k = 1; k < n_points; k++) {
-                    if (k > 1) harmonics_next(&h);
+                    if (k > 1) harmonics_next(&h, k, p, step, width);
                     acc_cos[k] += h.c;
                     acc_sin[k] += h.s;
                 }
@@ -147,10 +157,11 @@ int ecf_backward_block(float *P, int64_t rows, int64_t ld, float step, int64_t c
             b[k] = load(sin_coef + k * ld_coef + j, width);
         }
         for (int64_t i = 0; i < rows; i++) {
-            harmonics h = harmonics_start(P + i * ld + j, step, width);
+            float *p = P + i * ld + j;
+            harmonics h = harmonics_start(p, step, width);
             vfloat g = a[0];
             for (int64_t k = 1; k < n_points; k++) {
-                if (k > 1) harmonics_next(&h);
+                if (k > 1) harmonics_next(&h, k, p, step, width);
                 g += a[k] * h.c + b[k] * h.s;
             }
             store(P + i * ld + j, g, width);
