@@ -14,6 +14,7 @@ from .functional import (
     check_config,
     check_embeddings,
     sliced_epps_pulley_on_grid,
+    uniform_spacing,
 )
 from .reference import EppsPulley, SlicedEppsPulley
 
@@ -50,6 +51,9 @@ class FusedSlicedEppsPulley(nn.Module):
     `load_state_dict` or `resync_step`) broadcasts `global_step` from the group's rank 0; after
     that every call advances it by one on every rank, with no further communication.
 
+    The grid is the `ep.t`, `ep.phi` and `ep.weights` buffers, as in the seed: after
+    `load_state_dict` the loaded grid is used, whatever the constructor's arguments were.
+
     The directions are drawn from a host-side copy of `global_step`, so a call on a GPU never
     waits for the device to read the step. The copy follows the module's own updates and
     `load_state_dict`; after editing `global_step` in place by hand, call `resync_step()`.
@@ -76,12 +80,29 @@ class FusedSlicedEppsPulley(nn.Module):
         self.backend = backend
         self.process_group = process_group
         self.distributed = distributed
-        self.uniform_step = t_max / (n_points - 1)
         self.ep = EppsPulley(t_max=t_max, n_points=n_points)
         self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
         self._host_step = torch.zeros((), dtype=torch.long)
         self._step_broadcast = False
-        self.register_load_state_dict_post_hook(lambda module, _: module.resync_step())
+        self._resync_grid()
+        self.register_load_state_dict_post_hook(FusedSlicedEppsPulley._after_load)
+
+    def _after_load(self, incompatible_keys) -> None:
+        self.resync_step()
+        self._resync_grid()
+
+    def _resync_grid(self) -> None:
+        """Read the grid spacing off `ep.t` (waits for the device once): the kernels' trig
+        recurrence for a uniform grid from 0, direct trig for any other."""
+        self.uniform_step = uniform_spacing(self.ep.t)
+        self._grid_version = self.ep.t._version
+
+    def _grid_spacing(self) -> float:
+        """`uniform_step` for `ep.t` as it is now: eager calls notice an in-place edit of the
+        grid (its version counter moves); compiled ones rely on `load_state_dict`."""
+        if not torch.compiler.is_compiling() and self.ep.t._version != self._grid_version:
+            self._resync_grid()
+        return self.uniform_step
 
     def resync_step(self) -> None:
         """Copy `global_step` to its host-side copy (waits for the device once); the next call
@@ -122,7 +143,7 @@ class FusedSlicedEppsPulley(nn.Module):
             self.ep.phi,
             self.ep.weights,
             self.backend,
-            self.uniform_step,
+            self._grid_spacing(),
             process_group=self.process_group,
             distributed=self.distributed,
         )

@@ -1,12 +1,14 @@
 """The drop-in module: state_dict interchange, backends, torch.compile, and bad input."""
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, embeddings, loss_and_grad
 
 from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, sliced_epps_pulley
 from lejepa_kernels.reference import quadrature
@@ -140,3 +142,54 @@ def test_host_step_copy_follows_the_buffer(monkeypatch):
     oracle.global_step.fill_(2)
     fused.resync_step()
     torch.testing.assert_close(fused(x), oracle(x), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("saved_t_max, saved_points", [(5.0, 17), (1.5, 9)])
+def test_loaded_grid_gives_the_seeds_numbers(saved_t_max, saved_points):
+    """A checkpoint's grid (t, phi, weights) wins over the constructor's, as in the seed."""
+    x = embeddings(45, 12, torch.float32)
+    saved = SlicedEppsPulley(29, t_max=saved_t_max, n_points=saved_points).state_dict()
+    seed, fused = SlicedEppsPulley(29, n_points=saved_points), FusedSlicedEppsPulley(29, n_points=saved_points)
+    seed.load_state_dict(saved)
+    fused.load_state_dict(saved)
+    loss, grad = loss_and_grad(fused, x)
+    ref_loss, ref_grad = loss_and_grad(seed, x.double())
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-4 * ref_grad.abs().max())
+
+
+def test_grid_edited_in_place_gives_the_seeds_numbers():
+    x = embeddings(45, 12, torch.float32)
+    seed, fused = SlicedEppsPulley(29), FusedSlicedEppsPulley(29)
+    seed(x), fused(x)  # the grid as constructed has been used once
+    seed.global_step.zero_()
+    fused.global_step.zero_()
+    fused.resync_step()
+    for edit in (lambda t: t.mul_(2.0), lambda t: t.copy_(torch.linspace(0, 1, t.numel()) ** 2)):
+        for module in (seed, fused):
+            edit(module.ep.t)
+        loss, grad = loss_and_grad(fused, x)
+        ref_loss, ref_grad = loss_and_grad(seed, x.double())
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=0, atol=1e-4 * ref_grad.abs().max())
+
+
+def _state(module):
+    return {key: value.clone() for key, value in module.state_dict().items()}
+
+
+def test_module_pickles_and_deep_copies(tmp_path):
+    module = FusedSlicedEppsPulley(19, t_max=2.0, n_points=9)
+    x = embeddings(30, 8, torch.float32)
+    module(x)
+    path = tmp_path / "module.pt"
+    torch.save(module, path)
+    loaded = torch.load(path, weights_only=False)
+    copied = copy.deepcopy(module)
+    expected = module(x)
+    for other in (loaded, copied):
+        assert other.global_step.item() == 1
+        torch.testing.assert_close(other(x), expected, rtol=0, atol=0)
+        other.load_state_dict(_state(SlicedEppsPulley(19, t_max=2.0, n_points=9)))
+        assert other.global_step.item() == 0  # the load hook survived the copy
+    assert pickle.loads(pickle.dumps(module)).global_step.item() == 2
