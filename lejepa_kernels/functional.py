@@ -23,12 +23,29 @@ def check_config(num_slices: int, t_max: float, n_points: int) -> None:
     """Raise ValueError unless num_slices >= 1, 0 < t_max < inf and n_points is odd and >= 3."""
     if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
         raise ValueError(f"num_slices must be an integer >= 1, got {num_slices!r}")
-    if not (isinstance(t_max, (int, float)) and math.isfinite(t_max) and t_max > 0):
-        raise ValueError(f"t_max must be a finite number > 0, got {t_max!r}")
+    if not (
+        isinstance(t_max, (int, float))
+        and not isinstance(t_max, bool)
+        and 0 < t_max <= torch.finfo(torch.float32).max
+    ):
+        raise ValueError(f"t_max must be a number > 0 that fp32 can hold (finite), got {t_max!r}")
     if isinstance(n_points, bool) or not isinstance(n_points, int) or n_points < 3:
         raise ValueError(f"n_points must be an odd integer >= 3, got {n_points!r}")
     if n_points % 2 == 0:
         raise ValueError(f"n_points must be odd, got {n_points}")
+
+
+def uniform_spacing(t: torch.Tensor) -> float:
+    """h when the grid t [T] is t_k = k * h (h > 0, up to fp32 rounding), else 0.0.
+
+    Reads t on the host (a device sync when t lives on a GPU)."""
+    grid = t.detach().to("cpu", torch.float64)
+    if grid.numel() < 2 or grid[0] != 0 or not bool(grid.isfinite().all()):
+        return 0.0
+    step = grid[-1].item() / (grid.numel() - 1)
+    uniform = torch.arange(grid.numel(), dtype=torch.float64) * step
+    tolerance = 8 * torch.finfo(torch.float32).eps * abs(grid[-1].item())
+    return step if step > 0 and (grid - uniform).abs().max().item() <= tolerance else 0.0
 
 
 def check_embeddings(x: torch.Tensor, min_rows: int = 2) -> None:
@@ -45,7 +62,8 @@ def check_embeddings(x: torch.Tensor, min_rows: int = 2) -> None:
     if x.shape[1] < 1:
         raise ValueError(f"x must have at least one feature column, got shape {tuple(x.shape)}")
     if x.shape[0] < min_rows:
-        raise ValueError(f"x must have at least {min_rows} rows, got shape {tuple(x.shape)}")
+        rows = "1 row" if min_rows == 1 else f"{min_rows} rows"
+        raise ValueError(f"x must have at least {rows}, got shape {tuple(x.shape)}")
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
@@ -98,10 +116,23 @@ def ecf_sums(
     uniform_step > 0 promises t_k = k * uniform_step (the CPU and Triton kernels then replace
     the trig calls by a recurrence); the default 0 makes no promise.
     """
+    check_embeddings(x, min_rows=1)
+    for name, tensor in (("A", A), ("t", t)):
+        if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+            got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise TypeError(f"{name} must be a tensor of a floating dtype, got {got}")
     if A.dim() != 2 or A.shape[0] != x.shape[1]:
         raise ValueError(f"A must be [D, S] with D = x.shape[1] = {x.shape[1]}, got {tuple(A.shape)}")
+    if A.shape[1] < 1:
+        raise ValueError(f"A must have at least one column (slice), got shape {tuple(A.shape)}")
     if t.dim() != 1:
         raise ValueError(f"t must be 1-D [T], got shape {tuple(t.shape)}")
+    if t.numel() < 1:
+        raise ValueError("t must hold at least one point, got an empty grid")
+    if isinstance(uniform_step, bool) or not isinstance(uniform_step, (int, float)):
+        raise TypeError(f"uniform_step must be a number, got {type(uniform_step).__name__}")
+    if not (math.isfinite(uniform_step) and uniform_step >= 0):
+        raise ValueError(f"uniform_step must be finite and >= 0 (0: any grid), got {uniform_step}")
     if A.requires_grad or t.requires_grad:
         raise ValueError("ecf_sums gives no gradient for A or t; detach them")
     if not (x.device == A.device == t.device):
@@ -156,6 +187,18 @@ def sliced_epps_pulley_on_grid(
     )
 
 
+def _step_tensor(step: int | torch.Tensor) -> torch.Tensor:
+    """The training step as a 0-d integer tensor; refuses floats, strings and bools."""
+    if isinstance(step, torch.Tensor):
+        if step.dim() != 0 or step.dtype == torch.bool or step.is_floating_point() or step.is_complex():
+            raise TypeError(f"step must be an int or a 0-d integer tensor, got {step.dtype} of shape "
+                            f"{tuple(step.shape)}")
+        return step
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"step must be an int or a 0-d integer tensor, got {step!r}")
+    return torch.tensor(step)
+
+
 def sliced_epps_pulley(
     x: torch.Tensor,
     step: int | torch.Tensor,
@@ -178,8 +221,7 @@ def sliced_epps_pulley(
     """
     check_config(num_slices, t_max, n_points)
     check_group(process_group)
-    if not isinstance(step, torch.Tensor):
-        step = torch.tensor(int(step))
+    step = _step_tensor(step)
     t, phi, weights = quadrature(t_max, n_points)
     uniform_step = t_max / (n_points - 1)
     return sliced_epps_pulley_on_grid(

@@ -18,12 +18,17 @@ Without the Heuristics", 2025, https://arxiv.org/abs/2511.08544.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Optional, Sequence
 
-import timm
 import torch
 import torch.nn as nn
+
+try:
+    import timm
+except ImportError as error:
+    raise ImportError(f"LeJEPA builds its backbone with timm: pip install timm ({error})") from error
 
 from lejepa_kernels.modules import FusedSlicedEppsPulley
 from lejepa_kernels.reference import SlicedEppsPulley
@@ -153,6 +158,8 @@ class LeJEPA(nn.Module):
         super().__init__()
         if sigreg not in _SIGREG_CHOICES:
             raise ValueError(f"sigreg must be one of {sorted(_SIGREG_CHOICES)}, got {sigreg!r}")
+        if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not (0 <= lamb < math.inf):
+            raise ValueError(f"lamb (the SIGReg weight) must be a finite number >= 0, got {lamb!r}")
         # Names with a source prefix ("hf-hub:...", "local-dir:...") are resolved by timm itself.
         if ":" not in encoder_name and not timm.is_model(encoder_name):
             raise ValueError(f"unknown timm model name {encoder_name!r} (see timm.list_models())")

@@ -1,5 +1,7 @@
 """Tests of the LeJEPA model (lejepa_kernels.lejepa): a tiny ViT at 32/16 px, CPU, a few seconds."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -196,6 +198,21 @@ def test_bad_constructor_arguments():
         LeJEPA("not_a_timm_model", n_slices=N_SLICES)
     with pytest.raises(ValueError, match="sigreg"):
         LeJEPA(ENCODER, n_slices=N_SLICES, sigreg="triton-please")
+    for lamb in (-1.0, float("nan"), float("inf"), "0.1", None):
+        with pytest.raises((ValueError, TypeError), match="lamb"):
+            LeJEPA(ENCODER, n_slices=N_SLICES, lamb=lamb)
+
+
+def test_model_pickles_and_deep_copies(fused_model, tmp_path):
+    gv, lv = make_views()
+    path = tmp_path / "model.pt"
+    torch.save(fused_model, path)
+    for other in (torch.load(path, weights_only=False), copy.deepcopy(fused_model)):
+        step = int(fused_model.sigreg.global_step)
+        assert int(other.sigreg.global_step) == step
+        torch.testing.assert_close(other(gv, lv).loss, fused_model(gv, lv).loss, rtol=0, atol=0)
+        fused_model.sigreg.global_step.fill_(step)
+        fused_model.sigreg.resync_step()
 
 
 def test_bad_forward_inputs(ref_model):
