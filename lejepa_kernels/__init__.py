@@ -1,7 +1,10 @@
-"""lejepa_kernels: fast, memory-bounded SIGReg (sliced Epps-Pulley) for LeJEPA."""
+"""lejepa_kernels: fast, memory-bounded SIGReg (sliced Epps-Pulley) for LeJEPA.
+
+The SIGReg modules and functions need only torch; `LeJEPA` and `LeJEPAOutput` (the model, built
+on timm) are imported when first used.
+"""
 
 from .functional import ecf_sums, sliced_epps_pulley
-from .lejepa import LeJEPA, LeJEPAOutput
 from .modules import EppsPulley, FusedSlicedEppsPulley, SlicedEppsPulley
 
 __all__ = [
@@ -14,3 +17,13 @@ __all__ = [
     "sliced_epps_pulley",
 ]
 __version__ = "0.1.0"
+
+_MODEL_NAMES = ("LeJEPA", "LeJEPAOutput")
+
+
+def __getattr__(name: str):
+    if name in _MODEL_NAMES:
+        from . import lejepa
+
+        return getattr(lejepa, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
