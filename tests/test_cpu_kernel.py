@@ -138,14 +138,6 @@ def test_calls_the_kernel_does_not_take_run_the_pytorch_path():
         torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
 
 
-def test_library_is_built_once_reused_and_readable_by_all():
-    first = cpu_kernel._build()
-    assert first.exists() and first.parent == cpu_kernel.cache_dir()
-    assert first.stat().st_mode & 0o755 == 0o755  # a shared cache serves other users
-    modified = first.stat().st_mtime_ns
-    assert cpu_kernel._build() == first and first.stat().st_mtime_ns == modified
-
-
 def test_one_worker_pool_whatever_the_thread_counts():
     """Changing torch's thread count grows the one pool; worker threads do not pile up."""
     x = embeddings(40, 6, torch.float32)
@@ -157,7 +149,7 @@ def test_one_worker_pool_whatever_the_thread_counts():
             cpu_kernel.ecf_sums(x, A, 5, 0.5)
     finally:
         torch.set_num_threads(before)
-    assert cpu_kernel._pool(1)._max_workers <= 8
+    assert cpu_kernel._pool_state[1] <= 8
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the replaced pools' threads exit once idle
         workers = [t for t in threading.enumerate() if t.name.startswith("lejepa_kernels")]
@@ -165,6 +157,44 @@ def test_one_worker_pool_whatever_the_thread_counts():
             break
         time.sleep(0.05)
     assert len(workers) <= 8
+
+
+def test_concurrent_calls_while_the_thread_count_changes():
+    """Python threads calling the kernel at once while torch's thread count rises between calls
+    (each rise grows the worker pool under the others' feet): every result matches fp64."""
+    N, D, S, T, step = 29, 6, 16 * 24 + 5, 7, 0.5
+    x = embeddings(N, D, torch.float32, seed=3)
+    A = random_directions(D, S, 4)
+    angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange(T) * step).double()
+    want_cos, want_sin = angles.cos().sum(0), angles.sin().sum(0)
+    before, switch_interval = torch.get_num_threads(), sys.getswitchinterval()
+    failures, start = [], threading.Barrier(4)
+
+    def caller(index):
+        start.wait()
+        for n_threads in range(2, 25):
+            try:
+                torch.set_num_threads(n_threads + index % 2)
+                cos_sums, sin_sums = cpu_kernel.ecf_sums(x, A, T, step)
+                torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=3e-6 * N)
+                torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=3e-6 * N)
+            except Exception as error:  # noqa: BLE001 (reported by the test's thread)
+                failures.append(f"thread {index}, {n_threads} threads: {error!r}")
+
+    sys.setswitchinterval(1e-6)  # threads switch often, inside the pool's code too
+    try:
+        for _ in range(4):
+            with cpu_kernel._pool_lock:
+                cpu_kernel._pool_state = None  # a fresh pool, grown 23 times during the calls
+            callers = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+            for thread in callers:
+                thread.start()
+            for thread in callers:
+                thread.join()
+    finally:
+        sys.setswitchinterval(switch_interval)
+        torch.set_num_threads(before)
+    assert not failures, failures[:3]
 
 
 def test_no_home_directory_is_an_unavailable_kernel(monkeypatch):
