@@ -1,5 +1,6 @@
 """``python -m lejepa_kernels``: the ``lejepa-kernels`` command line."""
 
-from .pretrain import main
+from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,118 @@
+"""Output files of `lejepa-kernels pretrain` (--checkpoint, --out): checked before the run starts,
+written atomically through fresh temporary files."""
+
+import errno
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+from lejepa_kernels.cli import main
+from lejepa_kernels.lejepa import LeJEPA
+from lejepa_kernels.pretrain import train
+from test_pretrain import TINY, one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
+
+
+@pytest.fixture(autouse=True)
+def no_probe(monkeypatch):
+    """The probe is not under test here: a constant in its place saves seconds per run."""
+    monkeypatch.setattr(train, "linear_probe", lambda *features: 0.5)
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_links_at_the_output_paths_are_not_followed(tmp_path):
+    # A link planted where a fixed temporary name would be, and one at --out itself.
+    checkpoint, out = tmp_path / "run.pt", tmp_path / "run.json"
+    for name in ("victim-1", "victim-2"):
+        (tmp_path / name).write_text("precious")
+    (tmp_path / "run.pt.tmp").symlink_to(tmp_path / "victim-1")
+    out.symlink_to(tmp_path / "victim-2")
+    assert main([*TINY, "--max-steps", "1", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert (tmp_path / "victim-1").read_text() == (tmp_path / "victim-2").read_text() == "precious"
+    assert torch.load(checkpoint, weights_only=True)["step"] == 1
+    assert not out.is_symlink() and json.loads(out.read_text())["steps"] == 1
+    # Nothing else left behind, and the files get the usual mode (mkstemp's are private).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.pt", "run.pt.tmp", "victim-1", "victim-2"]
+    for path in (checkpoint, out):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask()
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "run.pt"
+    checkpoint.write_bytes(b"previous checkpoint")
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            with open(f, "wb") as file:
+                file.write(b"partial")
+        else:
+            f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        main([*TINY, "--max-steps", "1", "--checkpoint", str(checkpoint)])
+    assert os.listdir(tmp_path) == ["run.pt"]
+    assert checkpoint.read_bytes() == b"previous checkpoint"
+
+
+def output_options(tmp_path, option: str, path) -> list[str]:
+    """--checkpoint and --out in tmp_path, but ``option`` at ``path``."""
+    paths = {"--checkpoint": tmp_path / "run.pt", "--out": tmp_path / "run.json", option: path}
+    return [text for pair in paths.items() for text in map(str, pair)]
+
+
+def error_lines(capsys, monkeypatch, *argv: str) -> list[str]:
+    """stderr of a command that must fail with status 2 before it trains."""
+
+    def no_training(*args, **kwargs):
+        pytest.fail("the command trained before it checked its output paths")
+
+    monkeypatch.setattr(LeJEPA, "forward", no_training)
+    try:
+        code = main([*TINY, "--max-steps", "1", *argv])
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 2
+    return capsys.readouterr().err.splitlines()
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--out"])
+def test_output_path_that_is_a_directory(tmp_path, capsys, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)
+    argv = output_options(tmp_path, option, str(tmp_path))
+    assert error_lines(capsys, monkeypatch, *argv) == [
+        f"lejepa-kernels pretrain: error: {option} {tmp_path}: is a directory; give a file path"
+    ]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--out"])
+def test_output_path_under_a_file(tmp_path, capsys, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "file" / "run.pt"
+    argv = output_options(tmp_path, option, str(path))
+    assert error_lines(capsys, monkeypatch, *argv) == [
+        f"lejepa-kernels pretrain: error: {option} {path}: {tmp_path / 'file'} is not a directory"
+    ]
+    assert os.listdir(tmp_path) == ["file"]
+
+
+@pytest.mark.parametrize("option", ["--checkpoint", "--out"])
+def test_output_path_whose_directory_cannot_be_created(tmp_path, capsys, monkeypatch, option):
+    monkeypatch.chdir(tmp_path)
+    path = "/proc/lejepa-kernels-test/run.pt"  # /proc takes no new directory, not even from root
+    argv = output_options(tmp_path, option, path)
+    (line,) = error_lines(capsys, monkeypatch, *argv)
+    assert line.startswith(
+        f"lejepa-kernels pretrain: error: {option} {path}: cannot create a file in /proc/lejepa-kernels-test ("
+    )
+    assert os.listdir(tmp_path) == []
