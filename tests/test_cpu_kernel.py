@@ -181,11 +181,16 @@ def test_concurrent_calls_while_the_thread_count_changes():
             except Exception as error:  # noqa: BLE001 (reported by the test's thread)
                 failures.append(f"thread {index}, {n_threads} threads: {error!r}")
 
+    def drop_pool():  # the next call starts a fresh pool
+        with cpu_kernel._pool_lock:
+            if cpu_kernel._pool_state is not None:
+                cpu_kernel._pool_state[2].shutdown()
+            cpu_kernel._pool_state = None
+
     sys.setswitchinterval(1e-6)  # threads switch often, inside the pool's code too
     try:
-        for _ in range(4):
-            with cpu_kernel._pool_lock:
-                cpu_kernel._pool_state = None  # a fresh pool, grown 23 times during the calls
+        for _ in range(4):  # each round grows a fresh pool 23 times during the calls
+            drop_pool()
             callers = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
             for thread in callers:
                 thread.start()
@@ -194,6 +199,7 @@ def test_concurrent_calls_while_the_thread_count_changes():
     finally:
         sys.setswitchinterval(switch_interval)
         torch.set_num_threads(before)
+        drop_pool()
     assert not failures, failures[:3]
 
 
