@@ -225,3 +225,54 @@ def test_json_is_written_atomically_and_strictly(tmp_path):
     write_json(path, {"error": float("nan"), "values": [1.5, float("inf")]})
     assert json.loads(path.read_text()) == {"error": "nan", "values": [1.5, "inf"]}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_plan_with_a_cuda_device(monkeypatch):
+    """On CUDA: the PyTorch path there first, then the Triton kernels with every large shape;
+    the CPU backends after; no interpreter."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    plan = check_plan(("torch", "cpu", "triton"), quick=False)
+    assert [(backend, device) for backend, device, _ in plan][:3] == [
+        ("torch", "cuda"), ("triton", "cuda"), ("torch", "cpu"),
+    ]
+    triton_cases = plan[1][2]
+    if HAS_TRITON:
+        assert triton_cases[-len(CUDA_LARGE_CASES):] == CUDA_LARGE_CASES
+    assert all(device != "interpreter" for _, device, _ in plan)
+    quick = dict(((b, d), c) for b, d, c in check_plan(("triton",), quick=True))
+    assert not HAS_TRITON or not set(quick["triton", "cuda"]) & set(CUDA_LARGE_CASES)
+
+
+def test_checks_after_a_cuda_fault_are_not_run(monkeypatch, capsys):
+    import lejepa_kernels.check as command
+
+    def fake_run_case(case, backend, device):
+        if device == "cuda" and case.n == 1:
+            return dict(backend=backend, device=device, description="faulty", passed=False,
+                        error="AcceleratorError: CUDA error: an illegal memory access was encountered")
+        return dict(backend=backend, device=device, description=case.describe(), passed=True)
+
+    monkeypatch.setattr(command, "run_case", fake_run_case)
+    cases = [Case("sums", torch.float32, n, 4, 4) for n in (2, 1, 3)]
+    plan = [("triton", "cuda", cases), ("torch", "cpu", cases)]
+    results = list(command._run_checks(plan, quick=True))
+    assert [r.get("passed") for r in results] == [True, False, None, True, True, True]
+    assert "broke the CUDA context" in results[2]["skipped"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert command._bench(quick=True, cuda_lost=True) == []
+    assert "not measured" in capsys.readouterr().out
+
+
+def test_environment_lines_name_the_cuda_device(monkeypatch):
+    from lejepa_kernels.check import environment
+
+    info = environment.describe()
+    info["cuda"] = dict(version="12.8", device="NVIDIA H200", capability="9.0", memory_gib=139.8,
+                        multiprocessors=132, driver="570.86", devices=1)
+    info["auto"]["cuda"] = {"fp32": "triton", "bf16": "triton", "fp16": "triton", "fp64": "torch"}
+    text = "\n".join(environment.summary_lines(info))
+    assert "cuda 12.8: NVIDIA H200 (compute capability 9.0" in text and "driver 570.86" in text
+    assert '"auto" on cuda: fp32 triton, bf16 triton, fp16 triton, fp64 torch' in text
+    assert f"torch {torch.__version__}" in text
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+    assert "bf16 on cuda (NVIDIA H200)" in bench.header("cuda")

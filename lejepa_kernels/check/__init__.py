@@ -78,23 +78,24 @@ def _cpu_kernel_unavailable() -> str | None:
 
 def check_plan(backends: Iterable[str], quick: bool) -> list[tuple[str, str, list[Case] | str]]:
     """(backend, device, cases or the reason it is skipped) for every backend asked for.
-    device: "cuda", "cpu" or "interpreter" (Triton on the CPU, run in a child process)."""
+    device: "cuda", "cpu" or "interpreter" (Triton on the CPU, run in a child process). The
+    Triton kernels on CUDA come after the PyTorch path there: a device fault in their largest
+    shapes would leave no CUDA context for the checks that follow."""
     cuda = torch.cuda.is_available()
+    has_triton = importlib.util.find_spec("triton") is not None
     plan: list[tuple[str, str, list[Case] | str]] = []
-    if "triton" in backends:
-        if importlib.util.find_spec("triton") is None:
-            plan.append(("triton", "cuda" if cuda else "interpreter", "triton is not installed"))
-        elif cuda:
-            plan.append(("triton", "cuda", small_cases("triton", "cuda", quick) + ([] if quick else CUDA_LARGE_CASES)))
+    if "torch" in backends and cuda:
+        plan.append(("torch", "cuda", small_cases("torch", "cuda", quick)))
+    if "triton" in backends and cuda:
+        cases = small_cases("triton", "cuda", quick) + ([] if quick else CUDA_LARGE_CASES)
+        plan.append(("triton", "cuda", cases if has_triton else "triton is not installed"))
     if "torch" in backends:
-        if cuda:
-            plan.append(("torch", "cuda", small_cases("torch", "cuda", quick)))
         plan.append(("torch", "cpu", small_cases("torch", "cpu", quick)))
     if "cpu" in backends:
-        reason = _cpu_kernel_unavailable()
-        plan.append(("cpu", "cpu", reason or small_cases("cpu", "cpu", quick)))
-    if "triton" in backends and not cuda and importlib.util.find_spec("triton") is not None:
-        plan.append(("triton", "interpreter", small_cases("triton", "interpreter", quick)))
+        plan.append(("cpu", "cpu", _cpu_kernel_unavailable() or small_cases("cpu", "cpu", quick)))
+    if "triton" in backends and not cuda:
+        cases = small_cases("triton", "interpreter", quick)
+        plan.append(("triton", "interpreter", cases if has_triton else "triton is not installed"))
     return plan
 
 
@@ -174,8 +175,22 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
-def _say(line: str = "") -> None:
+def _say(line: str) -> None:
     print(line, flush=True)
+
+
+def _bench(quick: bool, cuda_lost: bool) -> list[dict[str, Any]]:
+    """The speed and memory table, printed row by row (on CUDA when there is a device)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and cuda_lost:
+        _say("speed and memory: not measured, a check broke the CUDA context")
+        return []
+    _say(header(device))
+    rows = []
+    for row in run_bench(device, quick):
+        rows.append(row)
+        _say(f"  {format_row(row)}")
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -197,13 +212,7 @@ def run(args: argparse.Namespace) -> int:
             _say(f"  {result['backend'] + '/' + result['device']:<19} {what}: {result['skipped']}  SKIP")
         else:
             _say(f"  {format_result(result)}")
-    rows = []
-    if not args.no_bench:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        _say(header(device))
-        for row in run_bench(device, args.quick):
-            rows.append(row)
-            _say(f"  {format_row(row)}")
+    rows = [] if args.no_bench else _bench(args.quick, any(_cuda_context_lost(r) for r in checks))
     failed = sum(1 for r in checks if r.get("passed") is False)
     failed += sum(1 for r in rows if r["provider"] == "lejepa-kernels" and "error" in r)
     passed = sum(1 for r in checks if r.get("passed") is True)

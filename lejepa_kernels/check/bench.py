@@ -48,6 +48,7 @@ QUICK_SIZES = (BenchSize(256, 64, 128),)
 
 
 def sizes_for(device: str, quick: bool) -> tuple[BenchSize, ...]:
+    """The workloads measured on a device ("cpu" or "cuda")."""
     if quick:
         return QUICK_SIZES
     return CUDA_SIZES if device == "cuda" else CPU_SIZES
@@ -61,7 +62,8 @@ def bench_dtype(device: str) -> torch.dtype:
 @contextlib.contextmanager
 def _quiet_compiler() -> Iterator[None]:
     """Silence torch.compile's warnings (the seed's graph break at `.item()` is expected)."""
-    loggers = [logging.getLogger(name) for name in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension")]
+    names = ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -210,6 +212,7 @@ def format_row(row: dict[str, Any]) -> str:
 
 
 def header(device: str) -> str:
+    """The table's title line: what is timed, in which dtype, where."""
     dtype = DTYPE_NAMES[bench_dtype(device)]
     where = f"{torch.get_num_threads()} threads" if device == "cpu" else torch.cuda.get_device_name(0)
     memory = "allocator peak" if device == "cuda" else "resident-set peak"
