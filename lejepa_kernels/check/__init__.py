@@ -29,8 +29,8 @@ the native kernel on the CPU, the Triton kernels on CUDA (small shapes, then eve
 at full size) or, without CUDA, in Triton's CPU interpreter (small shapes, in a child process);
 then a short speed and memory table. The exit status is 1 when a check fails."""
 ACCURACY_HEADER = (
-    "accuracy against the fp64 oracle, each error over its bound (err: max |C - C*| / N of the "
-    "sums, or the loss's relative error; grad: max |dx - dx*| / max |dx*|)"
+    "accuracy against the fp64 oracle, each error against its bound\n"
+    "  (err: max |C - C*| / N of the sums, or the loss's relative error; grad: max |dx - dx*| / max |dx*|)"
 )
 
 

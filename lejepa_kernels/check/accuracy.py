@@ -76,10 +76,14 @@ class Case:
     label: str = ""
 
     def describe(self) -> str:
-        """E.g. "sums fp32 N=300 D=96 S=257 T=17 uniform contiguous"."""
+        """E.g. "sums bf16 N=37 D=24 S=19 T=17 arbitrary grid, transposed x (label)"; the
+        seed's uniform grid and contiguous x go unsaid."""
         words = [self.kind, DTYPE_NAMES[self.dtype], f"N={self.n} D={self.d} S={self.s} T={self.t}"]
-        words += [self.grid, self.layout] + (["sampled"] if self.compares_sample else [])
-        return " ".join(words) + (f" ({self.label})" if self.label else "")
+        notes = [f"{self.grid} grid"] if self.grid != "uniform" else []
+        notes += [f"{self.layout} x"] if self.layout != "contiguous" else []
+        notes += ["sampled slices"] if self.compares_sample else []
+        notes += [self.label] if self.label else []
+        return " ".join(words) + (f" ({', '.join(notes)})" if notes else "")
 
     @property
     def compares_sample(self) -> bool:
@@ -121,7 +125,7 @@ def small_cases(backend: str, device: str, quick: bool = False) -> list[Case]:
     else:
         cases = list(INTERPRETER_CASES if device == "interpreter" else SMALL_CASES)
     if device != "interpreter":
-        cases.append(Case("sums", FP32, 37, 24, 300, sampled=True, label="sampled slices"))
+        cases.append(Case("sums", FP32, 37, 24, 300, sampled=True))
     if backend == "torch":
         cases.append(replace(next(c for c in cases if c.kind == "loss"), dtype=FP64))
     return cases
