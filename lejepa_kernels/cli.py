@@ -10,12 +10,13 @@ import argparse
 import sys
 from typing import Callable, Optional, Sequence
 
-from . import pretrain
+from . import check, pretrain
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 COMMANDS: tuple[Callable[..., argparse.ArgumentParser], ...] = (
     pretrain.add_parser,
+    check.add_parser,
 )
 """The ``add_parser`` of every command, in the order ``--help`` lists them: add new commands here."""
 

@@ -8,6 +8,8 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -276,3 +278,13 @@ def test_environment_lines_name_the_cuda_device(monkeypatch):
     assert f"torch {torch.__version__}" in text
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
     assert "bf16 on cuda (NVIDIA H200)" in bench.header("cuda")
+
+
+def test_command_line_runs_the_check(tmp_path):
+    """`python -m lejepa_kernels check` reaches the check through the command line."""
+    out = tmp_path / "check.json"
+    command = [sys.executable, "-m", "lejepa_kernels", "check", "--quick", "--no-bench", "--backends", "torch",
+               "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PASS: " in result.stdout and json.loads(out.read_text())
