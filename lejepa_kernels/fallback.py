@@ -16,11 +16,22 @@ from collections.abc import Iterator
 
 import torch
 
+NAME = "torch"
 BLOCK_ELEMENTS = 1 << 18
 """Default number of projections (rows x slices) per block: 1 MiB per fp32 temporary."""
 
 RESTART_INTERVAL = 16
 """Grid points between restarts of the trig recurrence from direct cos/sin (see _grid_values)."""
+
+
+def unavailable() -> str | None:
+    """None: the PyTorch backend runs wherever torch does."""
+    return None
+
+
+def unsupported(x: torch.Tensor, n_points: int, uniform_step: float) -> str | None:
+    """None: the PyTorch backend takes every call (any device, float dtype and grid)."""
+    return None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import warnings
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from . import cpu_kernel, ops
+from . import ops
+from .backends import choose
 from .distributed import all_reduce_sums, check_group, is_distributed
 from .reference import quadrature
-
-BACKEND_ENV = "LEJEPA_KERNELS_BACKEND"
-BACKEND_CHOICES = ("auto",) + ops.BACKENDS
 
 
 def check_config(num_slices: int, t_max: float, n_points: int) -> None:
@@ -66,42 +61,6 @@ def check_embeddings(x: torch.Tensor, min_rows: int = 2) -> None:
         raise ValueError(f"x must have at least {rows}, got shape {tuple(x.shape)}")
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that will run for x. "auto" (or $LEJEPA_KERNELS_BACKEND) picks Triton for
-    fp32/bf16/fp16 CUDA tensors when triton is installed, the native kernel for fp32/bf16/fp16
-    CPU tensors when it builds (warning once when it does not), the PyTorch path otherwise."""
-    if backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto")
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"${BACKEND_ENV} must be one of {BACKEND_CHOICES}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    if x.dtype == torch.float64:
-        return "torch"
-    if x.is_cuda:
-        return "triton" if ops.triton_available() else "torch"
-    if x.device.type == "cpu":
-        return "torch" if _cpu_kernel_missing() else "cpu"
-    return "torch"
-
-
-@torch.compiler.assume_constant_result
-def _cpu_kernel_missing() -> bool:
-    """True (warning once) when the native CPU kernel cannot be built here; a constant for
-    torch.compile, which calls it instead of tracing the build."""
-    reason = cpu_kernel.unavailable_reason()
-    if reason:
-        _warn_once(f"lejepa_kernels: using the slower PyTorch path on the CPU: {reason}")
-    return reason is not None
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=4)
-
-
 def ecf_sums(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -112,9 +71,10 @@ def ecf_sums(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over rows of cos and sin of t_k (x @ A), differentiable in x (A and t take none).
 
-    x: [N, D] float; A: [D, S]; t: [T]. Returns (C, Z), [S, T] each, fp32 (fp64 for fp64 x).
-    uniform_step > 0 promises t_k = k * uniform_step (the CPU and Triton kernels then replace
-    the trig calls by a recurrence); the default 0 makes no promise.
+    x: [N, D] float; A: [D, S]; t: [T]. Returns (cos_sums, sin_sums), [S, T] each, fp32 (fp64
+    for fp64 x). uniform_step > 0 promises t_k = k * uniform_step (the CPU and Triton kernels
+    then replace the trig calls by a recurrence); the default 0 makes no promise. `backend`:
+    "auto" or a name of the backend table (see `backends.choose`).
     """
     check_embeddings(x, min_rows=1)
     for name, tensor in (("A", A), ("t", t)):
@@ -137,9 +97,7 @@ def ecf_sums(
         raise ValueError("ecf_sums gives no gradient for A or t; detach them")
     if not (x.device == A.device == t.device):
         raise ValueError(f"x, A and t must be on one device, got {x.device}, {A.device}, {t.device}")
-    backend = resolve_backend(backend, x)
-    if backend == "triton":
-        A, t = A.float().contiguous(), t.float()
+    backend = choose(backend, x, t.numel(), uniform_step)
     return ops.ecf_sums(x, A, t, backend, float(uniform_step))
 
 

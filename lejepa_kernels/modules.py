@@ -9,8 +9,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import broadcast_from_first_rank, check_group, is_distributed
+from .backends import check_choice
 from .functional import (
-    BACKEND_CHOICES,
     check_config,
     check_embeddings,
     sliced_epps_pulley_on_grid,
@@ -71,8 +71,7 @@ class FusedSlicedEppsPulley(nn.Module):
     ):
         super().__init__()
         check_config(num_slices, t_max, n_points)
-        if backend not in BACKEND_CHOICES:
-            raise ValueError(f"backend must be one of {BACKEND_CHOICES}, got {backend!r}")
+        check_choice(backend)
         check_group(process_group)
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")

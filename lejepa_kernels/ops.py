@@ -6,27 +6,19 @@
 - `lejepa_kernels::ecf_sums(x, A, t, backend, uniform_step)`: the cos/sin sums over rows,
   [S, T] each, with a backward that recomputes the projections (`ecf_sums_backward`).
 
-`backend` is "torch" (the memory-bounded PyTorch path), "cpu" (the native CPU kernel; calls it
-does not take, such as fp64 or an arbitrary grid, run the PyTorch path) or "triton" (the fused
-CUDA kernels). `uniform_step` > 0 declares t_k = k * uniform_step, which lets the kernels use
-the trig recurrence; 0 means an arbitrary grid.
+`backend` names the entry of the backend table (`backends.TABLE`) that computes the call, as
+`backends.choose` decided it: "torch" (the memory-bounded PyTorch path), "cpu" (the native CPU
+kernel) or "triton" (the fused kernels). `uniform_step` > 0 declares t_k = k * uniform_step,
+which lets the kernels use the trig recurrence; 0 means an arbitrary grid.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
-from . import cpu_kernel, fallback
+from . import fallback
+from .backends import TABLE
 from .reference import random_directions
-
-BACKENDS = ("torch", "cpu", "triton")
-
-
-def triton_available() -> bool:
-    """True when the triton package can be imported."""
-    return importlib.util.find_spec("triton") is not None
 
 
 @torch.library.custom_op("lejepa_kernels::directions", mutates_args=())
@@ -40,31 +32,13 @@ def _(step: torch.Tensor, dim: int, num_slices: int, device: torch.device) -> to
     return torch.empty(dim, num_slices, dtype=torch.float32, device=device)
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the triton package; use backend='torch'")
-    if backend == "cpu" and cpu_kernel.unavailable_reason():
-        raise cpu_kernel.CpuKernelUnavailable(
-            f"backend='cpu' needs the native CPU kernel; use backend='torch'. "
-            f"{cpu_kernel.unavailable_reason()}"
-        )
-
-
 @torch.library.custom_op("lejepa_kernels::ecf_sums", mutates_args=())
 def ecf_sums(
     x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, uniform_step: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, Z) [S, T] each: sums over rows of cos and sin of t_k (x @ A); fp32, fp64 for fp64 x."""
-    _check_backend(backend)
-    if backend == "triton":
-        from .kernels import ecf_forward
-
-        return ecf_forward(x, A, t, uniform_step)
-    if backend == "cpu" and cpu_kernel.supports(x, t.numel(), uniform_step):
-        return cpu_kernel.ecf_sums(x, A, t.numel(), uniform_step)
-    return fallback.ecf_sums(x, A, t, uniform_step)
+    """(cos_sums, sin_sums) [S, T] each: sums over rows of cos and sin of t_k (x @ A); fp32,
+    fp64 for fp64 x."""
+    return TABLE[backend].ecf_sums(x, A, t, uniform_step)
 
 
 @ecf_sums.register_fake
@@ -85,14 +59,7 @@ def ecf_sums_backward(
     uniform_step: float,
 ) -> torch.Tensor:
     """dx [N, D] in x's dtype, from the gradients [S, T] of the cos and sin sums."""
-    _check_backend(backend)
-    if backend == "triton":
-        from .kernels import ecf_backward
-
-        return ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step)
-    if backend == "cpu" and cpu_kernel.supports(x, t.numel(), uniform_step):
-        return cpu_kernel.ecf_sums_backward(x, A, t, grad_cos, grad_sin, uniform_step)
-    return fallback.ecf_sums_backward(x, A, t, grad_cos, grad_sin, uniform_step)
+    return TABLE[backend].ecf_sums_backward(x, A, t, grad_cos, grad_sin, uniform_step)
 
 
 @ecf_sums_backward.register_fake

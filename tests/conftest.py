@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lejepa_kernels import cpu_kernel  # noqa: E402  (after TRITON_INTERPRET is set)
+from lejepa_kernels import cpu_library  # noqa: E402  (after TRITON_INTERPRET is set)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -21,8 +21,8 @@ def has_c_compiler() -> bool:
     """Whether the native CPU kernel has a compiler to try: where one exists, its build must work
     (the kernel's tests fail rather than skip)."""
     try:
-        cpu_kernel._compiler()
-    except cpu_kernel.CpuKernelUnavailable:
+        cpu_library._compiler()
+    except cpu_library.CpuKernelUnavailable:
         return False
     return True
 
@@ -38,6 +38,11 @@ def embeddings(N, D, dtype=torch.float64, seed=0, scale=1.0):
     """[N, D] standard normal rows (times scale), drawn in fp64 then cast to dtype."""
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
+
+
+def uniform_grid(n_points, step):
+    """The grid t_k = k * step, [n_points] fp32."""
+    return torch.arange(n_points, dtype=torch.float32) * step
 
 
 def loss_and_grad(module, x):

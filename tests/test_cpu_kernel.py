@@ -9,17 +9,17 @@ import time
 
 import pytest
 import torch
-from conftest import embeddings, has_c_compiler, loss_and_grad
+from conftest import embeddings, has_c_compiler, loss_and_grad, uniform_grid
 
-from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, cpu_kernel, ecf_sums
-from lejepa_kernels.functional import resolve_backend
+from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, cpu_backend, cpu_library, ecf_sums
+from lejepa_kernels.backends import choose
 from lejepa_kernels.reference import random_directions
 
 pytestmark = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler here")
 
 
 def test_kernel_builds_where_a_compiler_exists():
-    assert cpu_kernel.unavailable_reason() is None
+    assert cpu_library.unavailable_reason() is None
 
 
 def trig_sums_and_grad(x, A, t, grad_cos, grad_sin):
@@ -40,9 +40,9 @@ def threads(request):
 
 
 def test_auto_picks_the_kernel_for_cpu_tensors():
-    assert resolve_backend("auto", torch.zeros(2, 2)) == "cpu"
-    assert resolve_backend("auto", torch.zeros(2, 2, dtype=torch.bfloat16)) == "cpu"
-    assert resolve_backend("auto", torch.zeros(2, 2, dtype=torch.float64)) == "torch"
+    assert choose("auto", torch.zeros(2, 2), 17, 3.0 / 16) == "cpu"
+    assert choose("auto", torch.zeros(2, 2, dtype=torch.bfloat16), 17, 3.0 / 16) == "cpu"
+    assert choose("auto", torch.zeros(2, 2, dtype=torch.float64), 17, 3.0 / 16) == "torch"
 
 
 @pytest.mark.parametrize("N, D, S", [(37, 24, 19), (2, 3, 1), (300, 96, 257), (613, 7, 64)])
@@ -71,11 +71,11 @@ def test_any_blocks_and_threads_give_the_sums_and_gradient(threads, block_elemen
     t = torch.arange(T) * step
     grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(2))
     want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
-    cos_sums, sin_sums = cpu_kernel.ecf_sums(x.float(), A, T, step, block_elements)
+    cos_sums, sin_sums = cpu_backend.ecf_sums(x.float(), A, uniform_grid(T, step), step, block_elements)
     assert cos_sums.dtype == torch.float32 and cos_sums.shape == (S, T)
     torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=3e-6 * N)
     torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=3e-6 * N)
-    grad_x = cpu_kernel.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, step, block_elements)
+    grad_x = cpu_backend.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, step, block_elements)
     assert grad_x.dtype == torch.float32 and grad_x.shape == (N, D)
     torch.testing.assert_close(grad_x.double(), want_grad, rtol=0, atol=2e-5 * want_grad.abs().max())
 
@@ -93,7 +93,7 @@ def test_grid_lengths_against_fp64_trig(T, bound):
     cos_sums, sin_sums = ecf_sums(x.float(), A, t, "cpu", uniform_step=step)
     assert (cos_sums.double() - want_cos).abs().max() / N < bound
     assert (sin_sums.double() - want_sin).abs().max() / N < bound
-    grad_x = cpu_kernel.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, step)
+    grad_x = cpu_backend.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, step)
     assert (grad_x.double() - want_grad).abs().max() / want_grad.abs().max() < 10 * bound
 
 
@@ -112,27 +112,31 @@ def test_large_angles(scale, t_max, T, tol):
     t = torch.arange(T) * step
     grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(5))
     want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
-    cos_sums, sin_sums = cpu_kernel.ecf_sums(x, A, T, step)
+    cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, step), step)
     torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=tol * N)
     torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=tol * N)
-    grad_x = cpu_kernel.ecf_sums_backward(x, A, t, grad_cos, grad_sin, step)
+    grad_x = cpu_backend.ecf_sums_backward(x, A, t, grad_cos, grad_sin, step)
     torch.testing.assert_close(grad_x.double(), want_grad, rtol=0, atol=tol * want_grad.abs().max())
 
 
-def test_calls_the_kernel_does_not_take_run_the_pytorch_path():
-    """fp64 input, an arbitrary grid and a grid longer than max_points() all still give the sums."""
+def test_calls_the_kernel_does_not_take():
+    """fp64 input, an arbitrary grid and a grid longer than MAX_POINTS: backend="cpu" refuses
+    them, saying why; "auto" runs the PyTorch path and gives the sums."""
     N, D, S = 45, 9, 21
     x = embeddings(N, D)
     A = random_directions(D, S, 1)
-    long_grid = cpu_kernel.max_points() + 2
+    long_grid = cpu_library.MAX_POINTS + 2
     cases = [
-        (x, torch.linspace(0, 3, 17, dtype=torch.float64), 3.0 / 16, 1e-12),
-        (x.float(), torch.tensor([0.0, 0.3, 1.1, 2.9]), 0.0, 1e-6),
-        (x.float() * 0.3, torch.arange(long_grid) * (3.0 / (long_grid - 1)), 3.0 / (long_grid - 1), 3e-4),
+        (x, torch.linspace(0, 3, 17, dtype=torch.float64), 3.0 / 16, 1e-12, "fp32, bf16 or fp16"),
+        (x.float(), torch.tensor([0.0, 0.3, 1.1, 2.9]), 0.0, 1e-6, "arbitrary grid"),
+        (x.float() * 0.3, torch.arange(long_grid) * (3.0 / (long_grid - 1)), 3.0 / (long_grid - 1), 3e-6,
+         f"at most {cpu_library.MAX_POINTS} points"),
     ]
-    for x_in, t, step, tol in cases:
-        assert not cpu_kernel.supports(x_in, t.numel(), step)
-        cos_sums, sin_sums = ecf_sums(x_in, A, t, "cpu", uniform_step=step)
+    for x_in, t, step, tol, reason in cases:
+        with pytest.raises(ValueError, match=reason):
+            ecf_sums(x_in, A, t, "cpu", uniform_step=step)
+        assert choose("auto", x_in, t.numel(), step) == "torch"
+        cos_sums, sin_sums = ecf_sums(x_in, A, t, "auto", uniform_step=step)
         angles = (x_in.double() @ A.double()).unsqueeze(-1) * t.double()
         torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=tol * N)
         torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
@@ -146,10 +150,10 @@ def test_one_worker_pool_whatever_the_thread_counts():
     try:
         for n in (2, 5, 3, 8, 2):
             torch.set_num_threads(n)
-            cpu_kernel.ecf_sums(x, A, 5, 0.5)
+            cpu_backend.ecf_sums(x, A, uniform_grid(5, 0.5), 0.5)
     finally:
         torch.set_num_threads(before)
-    assert cpu_kernel._pool_state[1] <= 8
+    assert cpu_backend._pool_state[1] <= 8
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the replaced pools' threads exit once idle
         workers = [t for t in threading.enumerate() if t.name.startswith("lejepa_kernels")]
@@ -175,17 +179,17 @@ def test_concurrent_calls_while_the_thread_count_changes():
         for n_threads in range(2, 25):
             try:
                 torch.set_num_threads(n_threads + index % 2)
-                cos_sums, sin_sums = cpu_kernel.ecf_sums(x, A, T, step)
+                cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, step), step)
                 torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=3e-6 * N)
                 torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=3e-6 * N)
             except Exception as error:  # noqa: BLE001 (reported by the test's thread)
                 failures.append(f"thread {index}, {n_threads} threads: {error!r}")
 
     def drop_pool():  # the next call starts a fresh pool
-        with cpu_kernel._pool_lock:
-            if cpu_kernel._pool_state is not None:
-                cpu_kernel._pool_state[2].shutdown()
-            cpu_kernel._pool_state = None
+        with cpu_backend._pool_lock:
+            if cpu_backend._pool_state is not None:
+                cpu_backend._pool_state[2].shutdown()
+            cpu_backend._pool_state = None
 
     sys.setswitchinterval(1e-6)  # threads switch often, inside the pool's code too
     try:
@@ -207,11 +211,11 @@ def test_no_home_directory_is_an_unavailable_kernel(monkeypatch):
     def no_home():
         raise RuntimeError("Could not determine home directory.")
 
-    for name in (cpu_kernel.CACHE_ENV, "XDG_CACHE_HOME"):
+    for name in (cpu_library.CACHE_ENV, "XDG_CACHE_HOME"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cpu_kernel.Path, "home", no_home)
-    with pytest.raises(cpu_kernel.CpuKernelUnavailable, match="LEJEPA_KERNELS_CACHE"):
-        cpu_kernel.cache_dir()
+    monkeypatch.setattr(cpu_library.Path, "home", no_home)
+    with pytest.raises(cpu_library.CpuKernelUnavailable, match="LEJEPA_KERNELS_CACHE"):
+        cpu_library.cache_dir()
 
 
 @pytest.mark.parametrize(
@@ -223,7 +227,7 @@ def test_unbuildable_kernel_auto_warns_and_explicit_cpu_raises(tmp_path, broken,
     to the PyTorch path with one warning and the same loss; backend='cpu' raises, saying why."""
     script = (
         "import sys, warnings, torch, lejepa_kernels as lk\n"
-        "from lejepa_kernels.cpu_kernel import CpuKernelUnavailable\n"
+        "from lejepa_kernels.cpu_library import CpuKernelUnavailable\n"
         "x = torch.randn(33, 8, generator=torch.Generator().manual_seed(0))\n"
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
@@ -256,8 +260,8 @@ def test_unbuildable_kernel_auto_warns_and_explicit_cpu_raises(tmp_path, broken,
 def test_grid_longer_than_the_kernel_holds_is_refused_not_overrun():
     x = embeddings(5, 3, torch.float32)
     A = random_directions(3, 4, 0)
-    T = cpu_kernel.max_points() + 1
-    with pytest.raises(ValueError, match="grid points"):
-        cpu_kernel.ecf_sums(x, A, T, 0.1)
-    with pytest.raises(ValueError, match="grid points"):
-        cpu_kernel.ecf_sums_backward(x, A, torch.arange(T) * 0.1, torch.ones(4, T), torch.ones(4, T), 0.1)
+    T = cpu_library.MAX_POINTS + 1
+    with pytest.raises(ValueError, match=f"at most {cpu_library.MAX_POINTS} points"):
+        cpu_backend.ecf_sums(x, A, uniform_grid(T, 0.1), 0.1)
+    with pytest.raises(ValueError, match=f"at most {cpu_library.MAX_POINTS} points"):
+        cpu_backend.ecf_sums_backward(x, A, torch.arange(T) * 0.1, torch.ones(4, T), torch.ones(4, T), 0.1)

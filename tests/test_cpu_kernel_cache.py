@@ -12,9 +12,9 @@ import warnings
 
 import pytest
 import torch
-from conftest import embeddings, has_c_compiler
+from conftest import embeddings, has_c_compiler, uniform_grid
 
-from lejepa_kernels import FusedSlicedEppsPulley, cpu_kernel
+from lejepa_kernels import FusedSlicedEppsPulley, cpu_backend, cpu_library
 from lejepa_kernels.reference import random_directions
 
 pytestmark = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler here")
@@ -34,7 +34,7 @@ def compile_library(tmp_path, source: str) -> bytes:
     c_file, so_file = tmp_path / "planted.c", tmp_path / "planted.so"
     c_file.write_text(source)
     subprocess.run(
-        cpu_kernel._compiler() + ["-shared", "-fPIC", str(c_file), "-o", str(so_file)],
+        cpu_library._compiler() + ["-shared", "-fPIC", str(c_file), "-o", str(so_file)],
         check=True, capture_output=True, timeout=120,
     )
     return so_file.read_bytes()
@@ -43,8 +43,8 @@ def compile_library(tmp_path, source: str) -> bytes:
 def reload_kernel() -> None:
     """Forget the loaded library: the next call finds (or builds) it again in the cache that
     $LEJEPA_KERNELS_CACHE names then."""
-    cpu_kernel._library.cache_clear()
-    cpu_kernel.unavailable_reason.cache_clear()
+    cpu_library.library.cache_clear()
+    cpu_library.unavailable_reason.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,9 @@ def built(tmp_path_factory):
     """(file name, bytes) of the library the kernel builds here, built into a scratch cache."""
     cache = tmp_path_factory.mktemp("scratch") / "cache"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(cpu_kernel.CACHE_ENV, str(cache))
+        patch.setenv(cpu_library.CACHE_ENV, str(cache))
         reload_kernel()
-        cpu_kernel.max_points()
+        cpu_library.library()
     reload_kernel()
     (library,) = cache.glob("ecf_cpu-*.so")
     return library.name, library.read_bytes()
@@ -65,7 +65,7 @@ def kernel_cache(tmp_path, monkeypatch):
     """The cache the kernel uses in this test (not created): the kernel is loaded anew from it,
     and from the usual cache again after the test."""
     cache = tmp_path / "cache"
-    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cpu_library.CACHE_ENV, str(cache))
     monkeypatch.delenv("LEJEPA_KERNELS_BACKEND", raising=False)
     reload_kernel()
     yield cache
@@ -76,7 +76,7 @@ def assert_sums_match_fp64():
     """The kernel's sums for a small odd shape agree with fp64 cos and sin."""
     x = embeddings(N, D, torch.float32, seed=7)
     A = random_directions(D, S, 5)
-    cos_sums, sin_sums = cpu_kernel.ecf_sums(x, A, T, STEP)
+    cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, STEP), STEP)
     angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange(T) * STEP).double()
     torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=3e-6 * N)
     torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=3e-6 * N)
@@ -92,7 +92,7 @@ def assert_auto_falls_back_and_cpu_raises(reason: str):
     fallbacks = [str(w.message) for w in caught if "slower PyTorch path" in str(w.message)]
     assert len(fallbacks) == 1 and reason in fallbacks[0], fallbacks
     assert torch.equal(loss, FusedSlicedEppsPulley(16, backend="torch")(x))
-    with pytest.raises(cpu_kernel.CpuKernelUnavailable, match=re.escape(reason)):
+    with pytest.raises(cpu_library.CpuKernelUnavailable, match=re.escape(reason)):
         FusedSlicedEppsPulley(16, backend="cpu")(x)
 
 
@@ -159,7 +159,7 @@ def test_planted_library_is_never_loaded(tmp_path, kernel_cache, built, planting
 
 def test_created_cache_directories_are_private(tmp_path, monkeypatch, built):
     cache = tmp_path / "new" / "nested" / "cache"
-    monkeypatch.setenv(cpu_kernel.CACHE_ENV, str(cache))
+    monkeypatch.setenv(cpu_library.CACHE_ENV, str(cache))
     reload_kernel()
     try:
         assert_sums_match_fp64()
@@ -182,10 +182,10 @@ def test_untrusted_cache_without_a_private_directory_is_an_unavailable_kernel(
     kernel_cache.chmod(0o1777)
     os.chown(private, OTHER_UID, OTHER_UID)
 
-    reason = cpu_kernel.unavailable_reason()
+    reason = cpu_library.unavailable_reason()
     assert reason is not None
     what_and_fix = (str(kernel_cache), "mode 1777", str(private), f"uid {OTHER_UID}", "only you")
-    for part in what_and_fix + (f"${cpu_kernel.CACHE_ENV}",):
+    for part in what_and_fix + (f"${cpu_library.CACHE_ENV}",):
         assert part in reason, reason
     assert_auto_falls_back_and_cpu_raises(f"{private} is owned by uid {OTHER_UID}")
     assert not list(tmp_path.rglob("*.so"))
@@ -227,14 +227,14 @@ def test_damaged_library_is_rebuilt(tmp_path, built):
     script = textwrap.dedent(
         f"""
         import os, sys, torch
-        from lejepa_kernels import cpu_kernel
+        from lejepa_kernels import cpu_backend, cpu_library
         x = torch.randn({N}, {D}, generator=torch.Generator().manual_seed(0))
         A = torch.randn({D}, {S}, generator=torch.Generator().manual_seed(1))
         angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange({T}) * {STEP}).double()
         for cache in sys.argv[1:]:
-            os.environ[cpu_kernel.CACHE_ENV] = cache
-            cpu_kernel._library.cache_clear()
-            cos_sums, sin_sums = cpu_kernel.ecf_sums(x, A, {T}, {STEP})
+            os.environ[cpu_library.CACHE_ENV] = cache
+            cpu_library.library.cache_clear()
+            cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, torch.arange({T}) * {STEP}, {STEP})
             torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol={3e-6 * N})
             torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol={3e-6 * N})
             print(cache, "ok", flush=True)
@@ -277,11 +277,11 @@ def test_concurrent_builders_share_one_library(tmp_path, built):
     script = textwrap.dedent(
         f"""
         import torch
-        from lejepa_kernels import cpu_kernel
+        from lejepa_kernels import cpu_backend, cpu_library
         x = torch.randn({N}, {D}, generator=torch.Generator().manual_seed(0))
         A = torch.randn({D}, {S}, generator=torch.Generator().manual_seed(1))
         angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange({T}) * {STEP}).double()
-        cos_sums, sin_sums = cpu_kernel.ecf_sums(x, A, {T}, {STEP})
+        cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, torch.arange({T}) * {STEP}, {STEP})
         torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol={3e-6 * N})
         torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol={3e-6 * N})
         """

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import cpu_backend
 from .accuracy import CUDA_LARGE_CASES, Case, run_case, small_cases
 from .bench import format_row, header, run_bench
 from .environment import describe, summary_lines
@@ -64,16 +65,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _cpu_kernel_unavailable() -> str | None:
-    """Why the native CPU kernel cannot run here, or None when it can."""
-    from ..cpu_kernel import CpuKernelUnavailable
-    from ..functional import ecf_sums
-
-    x, A, t = torch.ones(2, 1), torch.ones(1, 1), torch.tensor([0.0, 1.0, 2.0])
-    try:
-        ecf_sums(x, A, t, "cpu", uniform_step=1.0)
-    except CpuKernelUnavailable as error:
-        return str(error).splitlines()[0]
-    return None
+    """Why the native CPU kernel cannot run here (its first line), or None when it can."""
+    reason = cpu_backend.unavailable()
+    return reason.splitlines()[0] if reason else None
 
 
 def check_plan(backends: Iterable[str], quick: bool) -> list[tuple[str, str, list[Case] | str]]:

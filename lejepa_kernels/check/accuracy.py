@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..backends import TABLE
 from ..functional import ecf_sums, sliced_epps_pulley
 from ..reference import EppsPulley, SlicedEppsPulley, quadrature, random_directions
 
@@ -119,7 +120,8 @@ QUICK_CASES = _table((37, 24, 19), (37, 24, 19), (37, 16, 19))
 
 def small_cases(backend: str, device: str, quick: bool = False) -> list[Case]:
     """The small-shape table of a backend on a device ("cpu", "cuda" or "interpreter": Triton
-    on CPU tensors). The PyTorch path also takes fp64."""
+    on CPU tensors), less the cases the backend does not take. The PyTorch path also takes
+    fp64."""
     if quick:
         cases = list(QUICK_CASES)
     else:
@@ -128,7 +130,16 @@ def small_cases(backend: str, device: str, quick: bool = False) -> list[Case]:
         cases.append(Case("sums", FP32, 37, 24, 300, sampled=True))
     if backend == "torch":
         cases.append(replace(next(c for c in cases if c.kind == "loss"), dtype=FP64))
-    return cases
+    if device != "cpu":
+        return cases
+    return [case for case in cases if _takes_on_cpu(backend, case)]
+
+
+def _takes_on_cpu(backend: str, case: Case) -> bool:
+    """Whether the backend takes the case on CPU tensors (the native kernel: uniform grids)."""
+    probe = torch.empty(0, case.d, dtype=case.dtype)
+    uniform_step = 1.0 if case.grid == "uniform" else 0.0
+    return TABLE[backend].unsupported(probe, case.t, uniform_step) is None
 
 
 CUDA_LARGE_CASES = [

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..functional import resolve_backend
+from ..backends import choose
 from ..modules import FusedSlicedEppsPulley
 from ..reference import SlicedEppsPulley
 from .accuracy import DTYPE_NAMES
@@ -178,7 +178,7 @@ def run_bench(device: str, quick: bool, providers: tuple[str, ...] = PROVIDERS) 
                 dtype=DTYPE_NAMES[dtype], provider=provider,
             )
             if provider == "lejepa-kernels":
-                row["backend"] = resolve_backend("auto", torch.empty(0, dtype=dtype, device=device))
+                row["backend"] = choose("auto", torch.empty(0, dtype=dtype, device=device), 17, 3.0 / 16)
             try:
                 row.update(measure(provider, size, device, memory))
             except Exception as error:  # an out-of-memory seed, a compiler missing: a row, not a crash

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..functional import BACKEND_ENV, resolve_backend
+from ..backends import BACKEND_ENV, choose
 from .accuracy import DTYPE_NAMES
 
 
@@ -56,7 +56,7 @@ def auto_backends(device: str) -> dict[str, str]:
     picks = {}
     for dtype, name in DTYPE_NAMES.items():
         try:
-            picks[name] = resolve_backend("auto", torch.empty(2, 2, dtype=dtype, device=device))
+            picks[name] = choose("auto", torch.empty(2, 2, dtype=dtype, device=device), 17, 3.0 / 16)
         except ValueError as error:
             picks[name] = f"error: {error}"
     return picks

@@ -1,22 +1,14 @@
-"""The native CPU backend: the ECF sums and their gradient with a small C kernel.
+"""The native CPU kernel's library: `csrc/ecf_cpu.c` built at first use, cached, and verified.
 
-The block loop is the PyTorch path's (`fallback.py`): torch forms each [rows x slices] block of
-projections `P = x_blk @ A_blk`; then `csrc/ecf_cpu.c` takes one vector sincos of u = h P and
-runs the Chebyshev recurrence over the grid t_k = k h in vector registers, summing over rows
-(forward) or forming dP in place of P (backward) in one pass, where the PyTorch path needs two
-tensor ops per grid point. The block's columns are split over `torch.get_num_threads()` threads
-(ctypes releases the GIL).
-
-The C source is compiled at first use with the system C compiler (`$CC`, else cc, gcc or clang;
--O3 -march=native), about a second, and the library is cached in `$LEJEPA_KERNELS_CACHE` (else
+The C source is compiled with the system C compiler (`$CC`, else cc, gcc or clang; -O3
+-march=native), about a second, and the library is cached in `$LEJEPA_KERNELS_CACHE` (else
 `$XDG_CACHE_HOME/lejepa_kernels`, else `~/.cache/lejepa_kernels`) under a name that hashes the
-source, compiler and CPU, with its sha256 and size beside it. The kernel loads code only from a
+source, compiler and CPU, with its sha256 and size beside it. Code is loaded only from a
 directory that this user owns and only this user can write (else from a private
-`lejepa_kernels-<uid>` directory inside it, as in a shared cache of mode 1777), and only a file
-of this user's, not a symbolic link, that only this user can write and that matches its
-checksum; anything else is rebuilt. The kernel takes CPU tensors on a uniform grid of at most
-`max_points()` points, computing in fp32 (fp32, bf16 and fp16 inputs); `supports` says whether a
-call qualifies.
+`lejepa_kernels-<uid>` directory inside it, as in a shared cache of mode 1777), and only from a
+file of this user's, not a symbolic link, that only this user can write and that matches its
+checksum; anything else is rebuilt. `library()` gives the loaded library, `unavailable_reason()`
+why there is none.
 """
 
 from __future__ import annotations
@@ -35,14 +27,9 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-
-from .fallback import BLOCK_ELEMENTS, grad_proj_coefficients
 
 SOURCE = Path(__file__).parent / "csrc" / "ecf_cpu.c"
 CACHE_ENV = "LEJEPA_KERNELS_CACHE"
@@ -50,8 +37,8 @@ CHECKSUM_SUFFIX = ".sha256"
 """Beside each cached library, a file of that name plus this suffix holds "<sha256> <size>\\n"."""
 LIBRARY_MODE = 0o755
 """The cached library's mode: readable by all, as libraries are; writable by its owner only."""
-VECTOR_WIDTH = 16
-"""Columns per vector in the kernel: thread column ranges are multiples of it."""
+MAX_POINTS = 129
+"""The longest grid the kernel takes: MAX_POINTS in csrc/ecf_cpu.c (checked when it loads)."""
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffp-contract=fast"],
     ["-O3", "-ffp-contract=fast"],  # compilers or CPUs without -march=native
@@ -314,7 +301,7 @@ def _load(library_fd: int, path: Path) -> ctypes.CDLL:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
     """The kernel library, loaded from the cache, built there first when no valid one is there."""
     if sys.platform == "win32":
         raise CpuKernelUnavailable("the C kernel is built for Linux and macOS only")
@@ -332,143 +319,21 @@ def _library() -> ctypes.CDLL:
         raise CpuKernelUnavailable(
             f"cannot write the kernel library ({error}); set ${CACHE_ENV} to a writable directory"
         ) from error
-    return _load(library_fd, directory / name)
+    lib = _load(library_fd, directory / name)
+    if lib.ecf_max_points() != MAX_POINTS:
+        raise CpuKernelUnavailable(
+            f"{directory / name} takes grids of {lib.ecf_max_points()} points, not {MAX_POINTS} "
+            "(built from another source?); delete it to have it rebuilt"
+        )
+    return lib
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
     """None when the C kernel builds and loads here, else why not (checked once per process)."""
     try:
-        _library()
+        library()
     except CpuKernelUnavailable as error:
         return str(error)
     return None
 
-
-def max_points() -> int:
-    """The longest grid the kernel takes (raises CpuKernelUnavailable if it cannot load)."""
-    return _library().ecf_max_points()
-
-
-def _check_points(n_points: int) -> None:
-    if not 1 <= n_points <= max_points():
-        raise ValueError(f"the native CPU kernel takes 1 to {max_points()} grid points, got {n_points}")
-
-
-def supports(x: torch.Tensor, n_points: int, uniform_step: float) -> bool:
-    """True when the kernel takes this call: x on the CPU and not fp64, a uniform grid
-    (uniform_step > 0) of at most max_points() points. Assumes the kernel loads."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype != torch.float64
-        and uniform_step > 0
-        and n_points <= max_points()
-    )
-
-
-_pool_lock = threading.Lock()
-_pool_state: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, workers, pool)
-
-
-def _run_on_pool(call: Callable[[int, int], int], ranges: list[tuple[int, int]]) -> list[int]:
-    """call(begin, end) for each range on this process's worker threads: one pool, grown to the
-    most ranges asked for (a forked child gets its own). Growing replaces the pool and shuts
-    the old one down; submitting under the same lock means no caller still holds a pool it has
-    yet to submit to when that happens (work already submitted runs to the end)."""
-    global _pool_state
-    with _pool_lock:
-        if _pool_state is None or _pool_state[0] != os.getpid() or _pool_state[1] < len(ranges):
-            if _pool_state is not None and _pool_state[0] == os.getpid():
-                _pool_state[2].shutdown(wait=False)
-            pool = ThreadPoolExecutor(len(ranges), thread_name_prefix="lejepa_kernels")
-            _pool_state = (os.getpid(), len(ranges), pool)
-        futures = [_pool_state[2].submit(call, *r) for r in ranges]
-    return [future.result() for future in futures]
-
-
-def _over_columns(call: Callable[[int, int], int], width: int) -> None:
-    """call(begin, end) on contiguous ranges covering [0, width), one per thread; each must
-    return 0 (the kernel's success)."""
-    per_thread = -(-width // max(1, torch.get_num_threads()))
-    per_thread = -(-per_thread // VECTOR_WIDTH) * VECTOR_WIDTH
-    ranges = [(begin, min(width, begin + per_thread)) for begin in range(0, width, per_thread)]
-    codes = [call(*ranges[0])] if len(ranges) == 1 else _run_on_pool(call, ranges)
-    if any(codes):
-        raise RuntimeError(f"the native CPU kernel failed (codes {codes})")
-
-
-def _blocks(n_rows: int, n_slices: int, block_elements: int) -> Iterator[tuple[slice, slice]]:
-    """(row range, slice range) pairs covering [n_rows, n_slices]: each block has a vector of
-    columns per thread (or all of them), then as many columns and rows as block_elements allows."""
-    min_cols = VECTOR_WIDTH * max(1, torch.get_num_threads())
-    cols_per_block = min(n_slices, max(min_cols, block_elements // n_rows))
-    rows_per_block = min(n_rows, max(1, block_elements // cols_per_block))
-    for s0 in range(0, n_slices, cols_per_block):
-        for r0 in range(0, n_rows, rows_per_block):
-            yield slice(r0, r0 + rows_per_block), slice(s0, s0 + cols_per_block)
-
-
-def ecf_sums(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    n_points: int,
-    uniform_step: float,
-    block_elements: int = BLOCK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, Z), [S, T] fp32 each: sums over rows of cos and sin of k * uniform_step * (x @ A).
-
-    x: [N, D] fp32/bf16/fp16 on the CPU; A: [D, S]; T = n_points. Partial sums over 256 rows
-    are added in fp64.
-    """
-    lib = _library()
-    _check_points(n_points)
-    x, A = x.float(), A.float()
-    n_slices = A.shape[1]
-    sums = torch.zeros(2, n_points, n_slices, dtype=torch.float64)
-    for rows, cols in _blocks(x.shape[0], n_slices, block_elements):
-        P = torch.mm(x[rows], A[:, cols])
-        n_rows, width = P.shape
-        cos_out, sin_out = sums[0, :, cols], sums[1, :, cols]
-        _over_columns(
-            lambda begin, end: lib.ecf_forward_block(
-                P.data_ptr(), n_rows, width, uniform_step, begin, end, n_points,
-                cos_out.data_ptr(), sin_out.data_ptr(), n_slices,
-            ),
-            width,
-        )
-    return sums[0].T.float().contiguous(), sums[1].T.float().contiguous()
-
-
-def ecf_sums_backward(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    t: torch.Tensor,
-    grad_cos: torch.Tensor,
-    grad_sin: torch.Tensor,
-    uniform_step: float,
-    block_elements: int = BLOCK_ELEMENTS,
-) -> torch.Tensor:
-    """dx [N, D] in x's dtype from the gradients [S, T] of the sums, recomputing projections.
-
-    t: [T], the grid (t_k = k * uniform_step). dx = dP @ A^T with
-    dP[n, s] = sum_k t_k (cos(t_k P) grad_sin - sin(t_k P) grad_cos)[n, s, k].
-    """
-    lib = _library()
-    xc, A, t = x.float(), A.float(), t.float()
-    n_points, n_slices = t.numel(), A.shape[1]
-    _check_points(n_points)
-    cos_coef, sin_coef = grad_proj_coefficients(t, grad_cos, grad_sin)
-    grad_x = torch.zeros_like(xc)
-    for rows, cols in _blocks(xc.shape[0], n_slices, block_elements):
-        P = torch.mm(xc[rows], A[:, cols])
-        n_rows, width = P.shape
-        cos_in, sin_in = cos_coef[:, cols], sin_coef[:, cols]
-        _over_columns(
-            lambda begin, end: lib.ecf_backward_block(
-                P.data_ptr(), n_rows, width, uniform_step, begin, end, n_points,
-                cos_in.data_ptr(), sin_in.data_ptr(), n_slices,
-            ),
-            width,
-        )
-        grad_x[rows].addmm_(P, A[:, cols].T)  # P now holds the block's dP
-    return grad_x.to(x.dtype)
