@@ -45,7 +45,8 @@ def markdown(data: dict, rows: list[dict]) -> str:
         "time is the median (and interquartile range) of the rounds; memory is the peak extra "
         "memory of one call (GPU: allocator peak; CPU: resident-set peak in a fresh process).",
         "",
-        "| workload | N | D | S | mode | provider | median ms | IQR ms | speedup vs seed | peak extra MiB | memory vs seed | TFLOP/s | roofline |",
+        "| workload | N | D | S | mode | provider | median ms | IQR ms | speedup vs seed | peak extra MiB "
+        "| memory vs seed | TFLOP/s | roofline |",
         "| --- | ---: | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     seed_time = {
@@ -91,7 +92,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         slices = [r["s"] for r in mine]
         ax_time.plot(slices, [r["median_ms"] for r in mine], marker="o", label=provider)
         with_memory = [r for r in mine if r.get("peak_extra_mib") is not None]
-        ax_mem.plot([r["s"] for r in with_memory], [r["peak_extra_mib"] for r in with_memory], marker="o", label=provider)
+        ax_mem.plot(
+            [r["s"] for r in with_memory], [r["peak_extra_mib"] for r in with_memory], marker="o", label=provider
+        )
     for ax, label in ((ax_time, "forward+backward median (ms)"), (ax_mem, "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

@@ -29,8 +29,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 SOURCE = Path(__file__).parent / "csrc" / "ecf_cpu.c"
 CACHE_ENV = "LEJEPA_KERNELS_CACHE"
 CHECKSUM_SUFFIX = ".sha256"

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import broadcast_from_first_rank, check_group, is_distributed
 from .backends import check_choice
+from .distributed import broadcast_from_first_rank, check_group, is_distributed
 from .functional import (
     check_config,
     check_embeddings,
