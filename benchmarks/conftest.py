@@ -1,6 +1,6 @@
 """pytest-benchmark set-up: the device, its peak rates, and command-line options.
 
-`pytest benchmarks` runs the DESIGN workloads on a GPU, a CPU-sized set otherwise. Options:
+`pytest benchmarks` runs the workloads of docs/DESIGN.md (section 6) on a GPU, a CPU-sized set otherwise. Options:
 `--providers seed,fused` and `--workloads paper,wide` narrow the run.
 """
 

@@ -4,9 +4,9 @@
 one process (same arguments, buffers, state_dict keys and random directions). They materialise
 [N, S, T] tensors, exactly as the seed does, so use them for checking, not for training.
 
-Under torch.distributed they follow the package's contract (DESIGN section 3), not the seed's
-discarded all_reduce: the cos/sin sums and the row count are summed over ranks, so the statistic
-is that of the concatenated batch, and autograd gives rank r W times its rows' gradient.
+Under torch.distributed they follow the package's contract (docs/DESIGN.md, section 4), not the
+seed's discarded all_reduce: the cos/sin sums and the row count are summed over ranks, so the
+statistic is that of the concatenated batch, and autograd gives rank r W times its rows' gradient.
 """
 
 from __future__ import annotations
