@@ -1,12 +1,22 @@
-"""Compile every Triton kernel variant the launchers can choose for sm_80 and sm_90, on the CPU.
+"""Compile the Triton kernels as real launches specialise them, for sm_80 and sm_90, on the CPU.
+
+The launchers run on small CPU inputs of each launch case (dtype x grid x shape class) with
+their kernels replaced by recorders. Each recorded launch is specialised as Triton's JIT does
+(`specialisation`: an integer equal to 1 becomes a constant, integers and pointers divisible by
+16 get the `tt.divisibility` attribute, floats are fp32), checked against what the installed
+Triton's own JIT derives from the same arguments (`jit_specialisation`), and every distinct
+specialisation is compiled for each capability. Registers and spills come from the ptxas log of that very
+compilation (TRITON_DUMP_PTXAS_LOG, in a fresh cache), tensor-core instruction counts from the
+SASS of its cubin.
 
 Run as a script (TRITON_INTERPRET unset: interpreted kernels cannot be compiled); prints one JSON
-object per line: kernel, dtype, uniform, capability, registers, spill bytes, and counts of
-tensor-core (HMMA/HGMMA) instructions in the SASS.
+object per compiled variant.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -14,92 +24,206 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
 
-from lejepa_kernels.kernels.config import BACKWARD_CONFIGS, FORWARD_CONFIGS, input_precision
-from lejepa_kernels.kernels.backward import ecf_backward_kernel
-from lejepa_kernels.kernels.forward import ecf_forward_kernel
+from lejepa_kernels.kernels import backward, config, forward
+from lejepa_kernels.reference import quadrature, random_directions
 
 CAPABILITIES = (80, 90)
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+GRIDS = {"uniform": 17, "direct": 17, "uniform_long": 129}
+"""Grid kinds and their lengths: the recurrence, direct trig, the recurrence with restarts."""
+SHAPES = {"aligned": (256, 64, 128), "ragged": (37, 24, 19)}
+"""Shape classes (N, D, S): every size a multiple of 16 (the workloads), none (odd batches)."""
+KERNELS = {"forward": forward.ecf_forward_kernel, "backward": backward.ecf_backward_kernel}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def signature(kernel_name: str, dtype: torch.dtype) -> dict[str, str]:
-    x = "*" + TRITON_TYPES[dtype]
-    if kernel_name == "forward":
-        names = ["N", "D", "S", "stride_xn", "stride_xd", "rows_per_split"]
-        pointers = {"x_ptr": x, "a_ptr": "*fp32", "t_ptr": "*fp32", "partial_ptr": "*fp32"}
-    else:
-        names = ["N", "D", "S", "chunk_start", "chunk_size", "stride_xn", "stride_xd"]
-        dp = "*bf16" if dtype == torch.bfloat16 else "*fp32"
-        pointers = {"x_ptr": x, "a_ptr": "*fp32", "t_ptr": "*fp32", "coef_ptr": "*fp32", "dp_ptr": dp}
-    return {**pointers, **{name: "i32" for name in names}, "dt": "fp32"}
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch as the JIT compiles it: signature, constants, attributes, options."""
+
+    kernel: str
+    case: tuple[str, str, str]  # dtype, grid, shape class
+    signature: tuple[tuple[str, str], ...]
+    constants: tuple[tuple[str, object], ...]
+    divisible: tuple[str, ...]  # arguments with tt.divisibility 16
+    options: tuple[tuple[str, int], ...]
+    jit_agrees: bool  # the installed Triton's JIT derives the same signature, constants, attributes
+
+    def key(self) -> tuple:
+        """Equal for launches that run the same binary (whatever their case)."""
+        return self.kernel, self.signature, self.constants, self.divisible, self.options, self.jit_agrees
+
+    def describe(self) -> str:
+        """The runtime arguments' specialisation, e.g. "N:i32/16 stride_xn=1"."""
+        constants = dict(self.constants)
+        parts = []
+        for name, kind in self.signature:
+            if kind == "constexpr" and name in constants and name.upper() != name:
+                parts.append(f"{name}={constants[name]}")
+            elif kind != "constexpr" and not kind.startswith("*"):
+                parts.append(f"{name}:{kind}" + ("/16" if name in self.divisible else ""))
+        return " ".join(parts)
 
 
-def build(kernel_name: str, dtype: torch.dtype, uniform: bool, capability: int) -> dict:
-    kernel, config = {
-        "forward": (ecf_forward_kernel, FORWARD_CONFIGS[dtype]),
-        "backward": (ecf_backward_kernel, BACKWARD_CONFIGS[dtype]),
-    }[kernel_name]
-    constants = {
-        "T": 17,
-        "UNIFORM": uniform,
-        "BLOCK_N": config.block_n,
-        "BLOCK_S": config.block_s,
-        "BLOCK_D": config.block_d,
-        "INPUT_PRECISION": input_precision(dtype),
-        "UPCAST_BF16": False,
-    }
-    sig = {**signature(kernel_name, dtype), **{name: "constexpr" for name in constants}}
-    compiled = triton.compile(
-        ASTSource(kernel, sig, constants),
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+def specialisation(value: object) -> tuple[str, object | None, bool]:
+    """(type, constant or None, divisible by 16) of a runtime argument, as Triton's JIT (3.6 to
+    3.8) specialises it: 1 becomes a constant; other integers are i32/i64 by range, pointers
+    take their element type; both are marked when divisible by 16 (a pointer's address)."""
+    if isinstance(value, torch.Tensor):
+        return "*" + TRITON_TYPES[value.dtype], None, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "u1", None, False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        kind = "i32" if -(2**31) <= value < 2**31 else "i64"
+        return kind, None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"no specialisation rule for a {type(value).__name__} argument")
+
+
+def jit_specialisation(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, set]:
+    """(signature, constants, divisible argument names) that the installed Triton's JIT derives
+    for kernel[grid](*args, **kwargs): its own binder and argument packing, as `JITFunction.run`
+    calls them (private API of Triton 3.6 to 3.8). Its attributes list, per argument path, the
+    specialisation's attributes: 3.8 lists every runtime argument (most with none), 3.6 only
+    those with a specialisation string; both read the same here."""
+    backend = make_backend(GPUTarget("cuda", CAPABILITIES[-1], 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    _, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    names = kernel.arg_names
+    constants = {names[path[0]]: value for path, value in constexprs.items()}
+    divisible = {names[path[0]] for path, specs in attrs.items() if ["tt.divisibility", 16] in specs}
+    return signature, constants, divisible
+
+
+def record(kernel_name: str, case: tuple[str, str, str], args: tuple, kwargs: dict) -> Launch:
+    """The Launch of kernel(*args, **kwargs): runtime arguments come positionally, constants
+    (the kernel's constexpr parameters) and options (num_warps, num_stages) by keyword."""
+    names = KERNELS[kernel_name].arg_names
+    signature, constants, divisible = [], {}, []
+    for name, value in zip(names, args):
+        kind, constant, aligned = specialisation(value)
+        signature.append((name, kind))
+        if constant is not None:
+            constants[name] = constant
+        if aligned:
+            divisible.append(name)
+    for name in names[len(args):]:
+        signature.append((name, "constexpr"))
+        constants[name] = kwargs[name]
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    jit = jit_specialisation(KERNELS[kernel_name], args, kwargs)
+    return Launch(
+        kernel_name, case, tuple(signature), tuple(constants.items()), tuple(divisible),
+        tuple(sorted(options.items())), jit == (dict(signature), constants, set(divisible)),
     )
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: `kernel[grid](*args, **kwargs)` appends a Launch."""
+
+    def __init__(self, kernel_name: str, case: tuple[str, str, str], out: list[Launch]):
+        self.kernel_name, self.case, self.out = kernel_name, case, out
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.out.append(record(self.kernel_name, self.case, args, kwargs))
+
+
+def case_launches(dtype: torch.dtype, grid: str, shape: str) -> list[Launch]:
+    """The launches the forward and backward launchers make for one case (CPU inputs, the
+    kernels recorded instead of run, the device check skipped)."""
+    N, D, S = SHAPES[shape]
+    T = GRIDS[grid]
+    case = (TRITON_TYPES[dtype], grid, shape)
+    x = torch.randn(N, D).to(dtype)
+    A, t = random_directions(D, S, 0), quadrature(3.0, T)[0]
+    step = 0.0 if grid == "direct" else 3.0 / (T - 1)
+    grad = torch.zeros(S, T)
+    out: list[Launch] = []
+    patches = {
+        (config, "launch_device_check"): lambda *tensors: None,
+        (forward, "ecf_forward_kernel"): _Recorder("forward", case, out),
+        (backward, "ecf_backward_kernel"): _Recorder("backward", case, out),
+    }
+    saved = {target: getattr(*target) for target in patches}
+    try:
+        for (module, name), value in patches.items():
+            setattr(module, name, value)
+        forward.ecf_forward(x, A, t, step)
+        backward.ecf_backward(x, A, t, grad, grad, step)
+    finally:
+        for (module, name), value in saved.items():
+            setattr(module, name, value)
+    return out
+
+
+def launches() -> list[Launch]:
+    """Every distinct launch of every case, in a fixed order."""
+    distinct: dict[tuple, Launch] = {}
+    for dtype in TRITON_TYPES:
+        for grid in GRIDS:
+            for shape in SHAPES:
+                for launch in case_launches(dtype, grid, shape):
+                    distinct.setdefault(launch.key(), launch)
+    return list(distinct.values())
+
+
+def variants() -> list[tuple[Launch, int]]:
+    """What the tests compile: each distinct launch for each capability."""
+    return [(launch, capability) for launch in launches() for capability in CAPABILITIES]
+
+
+def build(launch: Launch, capability: int) -> dict:
+    """Compile one launch for sm_<capability>; its registers, spills and tensor-core ops."""
+    constants = dict(launch.constants)
+    attrs = {
+        (index,): [["tt.divisibility", 16]]
+        for index, (name, _) in enumerate(launch.signature)
+        if name in launch.divisible
+    }
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(
+            ASTSource(KERNELS[launch.kernel], dict(launch.signature), constants, attrs),
+            target=GPUTarget("cuda", capability, 32),
+            options=dict(launch.options),
+        )
+    ptxas = log.getvalue()
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
-        with open(ptx, "w") as f:
-            f.write(compiled.asm["ptx"])
+        cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
-        arch = "sm_90a" if capability == 90 else f"sm_{capability}"
-        ptxas = subprocess.run(
-            [os.path.join(BIN, "ptxas"), f"-arch={arch}", "-v", ptx, "-o", os.path.join(tmp, "k.o")],
-            capture_output=True, text=True, check=True,
-        ).stderr
-        usage = subprocess.run(
-            [os.path.join(BIN, "cuobjdump"), "--dump-resource-usage", cubin],
-            capture_output=True, text=True, check=True,
-        ).stdout
         sass = subprocess.run(
             [os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True
         ).stdout
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas)
+    dtype, grid, shape = launch.case
     return {
-        "kernel": kernel_name,
-        "dtype": TRITON_TYPES[dtype],
-        "uniform": uniform,
+        "kernel": launch.kernel,
+        "dtype": dtype,
+        "grid": grid,
+        "shape": shape,
         "capability": capability,
-        "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-        "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+        "triton": triton.__version__,
+        "registers": int(re.search(r"Used (\d+) registers", ptxas).group(1)),
+        "stack": int(re.search(r"(\d+) bytes stack frame", ptxas).group(1)),
         "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
         "tensor_core_ops": len(re.findall(r"\b(?:HMMA|HGMMA)\.", sass)),
+        "specialisation": launch.describe(),
+        "jit_agrees": launch.jit_agrees,
     }
-
-
-def variants() -> list[tuple[str, torch.dtype, bool, int]]:
-    return [
-        (kernel, dtype, uniform, capability)
-        for kernel in ("forward", "backward")
-        for dtype in TRITON_TYPES
-        for uniform in (True, False)
-        for capability in CAPABILITIES
-    ]
 
 
 def _build_star(args: tuple) -> dict:
@@ -107,8 +231,11 @@ def _build_star(args: tuple) -> dict:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if config.interpreting():
         sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    # A fresh cache, so that every variant goes through ptxas, which prints its log.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         for result in pool.map(_build_star, variants()):
             print(json.dumps(result), flush=True)

@@ -1,7 +1,8 @@
-"""Every kernel variant the launchers can choose compiles for sm_80 and sm_90, without spills.
+"""Every kernel variant that launches produce compiles for sm_80 and sm_90, without spills.
 
 The Triton interpreter accepts code the compiler rejects, so the kernels are also compiled to
-PTX and cubin here (no GPU needed), in a subprocess without TRITON_INTERPRET.
+PTX and cubin here (no GPU needed), in a subprocess without TRITON_INTERPRET, specialised as
+real launches specialise them (tests/kernel_build.py).
 """
 
 import json
@@ -15,6 +16,9 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from kernel_build import CAPABILITIES, GRIDS, KERNELS, SHAPES, TRITON_TYPES  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +31,34 @@ def builds() -> list[dict]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def test_every_variant_compiles(builds):
-    sys.path.insert(0, str(HERE))
-    from kernel_build import variants
+def test_every_case_compiles_once_per_capability(builds):
+    """Each (kernel, dtype, grid, shape class) launches one binary, whatever its chunks or
+    splits, and that binary is compiled for each capability."""
+    expected = {
+        (kernel, dtype, grid, shape, capability)
+        for kernel in KERNELS
+        for dtype in TRITON_TYPES.values()
+        for grid in GRIDS
+        for shape in SHAPES
+        for capability in CAPABILITIES
+    }
+    got = [(b["kernel"], b["dtype"], b["grid"], b["shape"], b["capability"]) for b in builds]
+    cases = len(KERNELS) * len(TRITON_TYPES) * len(GRIDS) * len(SHAPES)
+    assert len(got) == len(expected) == cases * len(CAPABILITIES)
+    assert set(got) == expected
 
-    assert len(builds) == len(variants()) == 24
+
+def test_specialised_as_the_jit_specialises(builds):
+    """The compiled signatures are those Triton's own JIT derives from the launch arguments:
+    the aligned class's integers all divisible by 16, none of the ragged class's sizes."""
+    assert all(b["jit_agrees"] for b in builds), [b for b in builds if not b["jit_agrees"]]
+    for b in builds:
+        arguments = dict(item.split(":") for item in b["specialisation"].split() if ":" in item)
+        sizes = [arguments[name] for name in ("N", "D", "S", "stride_xn")]
+        if b["shape"] == "aligned":
+            assert all(kind.endswith("/16") for kind in arguments.values() if kind != "fp32"), b
+        else:
+            assert sizes == ["i32"] * 4, b
 
 
 def test_no_register_spills(builds):

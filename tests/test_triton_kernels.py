@@ -1,16 +1,22 @@
 """The fused Triton kernels against the oracle (on CPU through TRITON_INTERPRET, see conftest)."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICE
 
-from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums
-from lejepa_kernels.kernels import backward as backward_module
-from lejepa_kernels.kernels import forward as forward_module
-from lejepa_kernels.kernels.backward import slices_per_chunk
-from lejepa_kernels.reference import quadrature, random_directions
-
 pytest.importorskip("triton")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, fallback  # noqa: E402
+from lejepa_kernels.kernels import backward as backward_module  # noqa: E402
+from lejepa_kernels.kernels import ecf_backward, ecf_forward  # noqa: E402
+from lejepa_kernels.kernels import forward as forward_module  # noqa: E402
+from lejepa_kernels.kernels._tiles import sincos  # noqa: E402
+from lejepa_kernels.kernels.backward import slices_per_chunk  # noqa: E402
+from lejepa_kernels.reference import quadrature, random_directions  # noqa: E402
 
 
 def embeddings(N, D, seed=0, scale=1.0):
@@ -80,22 +86,6 @@ def test_single_row_sums_and_gradient(dtype):
     assert relative(xk.grad.double(), xr.grad) < 10 * tol
 
 
-@pytest.mark.parametrize("T, bound", [(17, 3e-5), (65, 3e-4), (129, 1.5e-3)])
-def test_recurrence_error_against_direct_trig(T, bound):
-    """Chebyshev recurrence (uniform grid) vs direct trig (general grid) vs fp64, |P| up to ~8."""
-    N, D, S = 64, 16, 32
-    x = (embeddings(N, D, seed=2) * 2.0).float().to(DEVICE)
-    A = random_directions(D, S, 0, DEVICE)
-    t = quadrature(3.0, T)[0].to(DEVICE)
-    angles = (x.double() @ A.double()).unsqueeze(-1) * t.double()
-    truth = angles.cos().sum(0), angles.sin().sum(0)
-    recurrence = ecf_sums(x, A, t, "triton", uniform_step=3.0 / (T - 1))
-    direct = ecf_sums(x, A, t, "triton")
-    for got_rec, got_dir, want in zip(recurrence, direct, truth):
-        assert (got_rec.double() - want).abs().max() / N < bound
-        assert (got_dir.double() - want).abs().max() / N < 3e-6
-
-
 def test_several_row_splits_and_dp_chunks(monkeypatch):
     """Force the forward to split rows over programs and the backward to chunk the slices."""
     monkeypatch.setattr(forward_module, "program_count_target", lambda device: 64)
@@ -139,4 +129,80 @@ def test_compiled_fullgraph_matches_eager():
 def test_fp64_is_refused():
     x = embeddings(5, 4).to(DEVICE)
     with pytest.raises(TypeError, match="fp64"):
-        FusedSlicedEppsPulley(8, backend="triton").to(DEVICE)(x)
+        ecf_forward(x, random_directions(4, 8, 0, DEVICE), quadrature(3.0, 17)[0].to(DEVICE), 0.0)
+
+
+def test_bf16_gradient_accumulates_chunks_in_fp32(monkeypatch):
+    """dx = sum over slice chunks of dP @ A^T: with 32 chunks, the same dx (to fp32 rounding of
+    the sum, then one bf16 rounding) as with one chunk, and as close to the fp64 truth."""
+    N, D, S = 37, 24, 32 * 32
+    x = embeddings(N, D, seed=9).bfloat16()
+    A = random_directions(D, S, 0, DEVICE)
+    t = quadrature(3.0, 17)[0].to(DEVICE)
+    grad_cos, grad_sin = torch.randn(2, S, 17, generator=torch.Generator().manual_seed(9)) / S
+    truth = fallback.ecf_sums_backward(x.double(), A.bfloat16().double(), t.double(),
+                                       grad_cos.double(), grad_sin.double())
+
+    def grad_x(chunk_slices):
+        monkeypatch.setattr(backward_module, "DP_CHUNK_BYTES", N * 2 * chunk_slices)
+        return ecf_backward(x.to(DEVICE), A, t, grad_cos.to(DEVICE), grad_sin.to(DEVICE), 3.0 / 16)
+
+    one, many = grad_x(S).double().cpu(), grad_x(32).double().cpu()
+    ulp = torch.finfo(torch.bfloat16).eps * truth.abs()
+    assert ((many - one).abs() <= ulp).all()
+    assert (many != one).double().mean() < 0.05
+    assert ((many - truth).abs() / truth.abs().max()).max() < 1e-2
+
+
+@pytest.mark.parametrize("T", [17, 33, 129, 513, 1025])
+def test_recurrence_as_accurate_as_direct_trig(T):
+    """The recurrence on t_k = k dt against direct fp32 trig on the same t, both against fp64:
+    sums and gradient, from the default grid to 1025 points (restarts from T = 33 on)."""
+    N, D, S = 37, 8, 5
+    x = embeddings(N, D, seed=10).float().to(DEVICE)
+    A = random_directions(D, S, 0, DEVICE)
+    t = quadrature(3.0, T)[0].to(DEVICE)
+    g = torch.Generator().manual_seed(T)
+    grad_cos, grad_sin = (torch.randn(2, S, T, generator=g) / T).to(DEVICE)
+    P = x.double() @ A.double()
+    want = fallback.ecf_sums(x.double(), A.double(), t.double())
+    want_dx = fallback.ecf_sums_backward(x.double(), A.double(), t.double(),
+                                         grad_cos.double(), grad_sin.double())
+
+    def errors(uniform_step):
+        sums = ecf_forward(x, A, t, uniform_step)
+        dx = ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step)
+        sum_error = max((got.double() - ref).abs().max().item() for got, ref in zip(sums, want))
+        return sum_error / N, (dx.double() - want_dx).abs().max().item() / want_dx.abs().max().item()
+
+    assert P.abs().max() * 3.0 > 8  # angles up to 3 |P|: more than a turn
+    # Both within the same bounds: mean error per row of the sums, relative error of dx.
+    for uniform_step in (3.0 / (T - 1), 0.0):
+        sum_error, grad_error = errors(uniform_step)
+        assert sum_error < 3e-7 and grad_error < 1.5e-6, (uniform_step, sum_error, grad_error)
+
+
+@triton.jit
+def _sincos_kernel(angle_ptr, sin_ptr, cos_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    sin, cos = sincos(tl.load(angle_ptr + offsets, mask=mask, other=0.0))
+    tl.store(sin_ptr + offsets, sin, mask=mask)
+    tl.store(cos_ptr + offsets, cos, mask=mask)
+
+
+@pytest.mark.parametrize("largest", [1.0, 30.0, 1e3, 1e5, 1e7])
+def test_sincos_against_fp64(largest):
+    """Absolute error about 1e-7 up to |angle| = 1e5, then at most the spacing of fp32 numbers at
+    the angle (the fp32 angle itself is that uncertain)."""
+    g = torch.Generator().manual_seed(11)
+    angles = ((torch.rand(4099, generator=g, dtype=torch.float64) * 2 - 1) * largest).float()
+    angles[:3] = torch.tensor([0.0, largest, -largest])
+    sin, cos = torch.empty_like(angles), torch.empty_like(angles)
+    _sincos_kernel[(1,)](angles, sin, cos, angles.numel(), BLOCK=8192)
+    exact = angles.double()
+    error = torch.maximum((sin.double() - exact.sin()).abs(), (cos.double() - exact.cos()).abs())
+    bound = 2e-7 if largest <= 1e5 else torch.maximum(
+        torch.full_like(exact, 2e-7), torch.from_numpy(np.spacing(angles.abs().numpy())).double()
+    )
+    assert (error <= bound).all(), error.max()

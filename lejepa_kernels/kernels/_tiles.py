@@ -3,6 +3,17 @@
 import triton
 import triton.language as tl
 
+RESEED_EVERY = tl.constexpr(32)
+"""Grid points between restarts of the trig recurrence from direct cos/sin (long grids only)."""
+
+
+@triton.jit
+def row_starts(base_ptr, rows, row_stride):
+    """Pointers to rows `rows` (int32, any shape) of a matrix at base_ptr whose rows are
+    row_stride elements apart. The offsets are formed in 64 bits: rows * row_stride passes
+    2^31 in large inputs (D * S directions, T * S sums, N * D embeddings)."""
+    return base_ptr + tl.cast(rows, tl.int64) * row_stride
+
 
 @triton.jit
 def projection_tile(
@@ -13,9 +24,8 @@ def projection_tile(
     row_mask,
     col_mask,
     D,
+    S,
     stride_xn,
-    stride_xd,
-    stride_ad,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -27,23 +37,24 @@ def projection_tile(
     Slices run along the tile's first axis and rows along its second: in the MMA layouts warps
     split the first axis only, so sums over rows (axis 1) stay within a warp (no shared memory).
 
-    x is fp32/bf16/fp16 with any strides; A is fp32, rounded to x's dtype so that 16-bit inputs
-    run on tensor cores at full rate (fp32 inputs use INPUT_PRECISION, e.g. "tf32x3").
-    UPCAST_BF16 multiplies bf16 tiles in fp32, for Triton's interpreter, which mis-computes bf16
-    dots and truncates fp32 -> bf16 casts: the launcher then passes A already rounded to bf16.
+    x is fp32/bf16/fp16, rows stride_xn elements apart, features contiguous; A is [D, S] fp32
+    contiguous, rounded to x's dtype so that 16-bit inputs run on tensor cores at full rate
+    (fp32 inputs use INPUT_PRECISION, e.g. "tf32x3"). UPCAST_BF16 multiplies bf16 tiles in
+    fp32, for Triton's interpreter, which mis-computes bf16 dots and truncates fp32 -> bf16
+    casts: the launcher then passes A already rounded to bf16.
     """
     acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
-    row_offsets = rows.to(tl.int64)[None, :] * stride_xn
+    x_rows = row_starts(x_ptr, rows, stride_xn)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_mask = d < D
         x_tile = tl.load(
-            x_ptr + row_offsets + d[:, None] * stride_xd,
+            x_rows[None, :] + d[:, None],
             mask=d_mask[:, None] & row_mask[None, :],
             other=0.0,
         )
         a_tile = tl.load(
-            a_ptr + d[None, :] * stride_ad + cols[:, None],
+            row_starts(a_ptr, d, S)[None, :] + cols[:, None],
             mask=col_mask[:, None] & d_mask[None, :],
             other=0.0,
         )
@@ -56,19 +67,51 @@ def projection_tile(
 
 
 @triton.jit
-def chebyshev_start(p, dt, weight):
-    """Seeds of the recurrence for cos/sin(k dt p), k = 0, 1, ...: (2 cos(u), f_-1, f_0) for cos
-    and for sin, u = dt p, all scaled by weight (0 on padded rows makes every term 0)."""
-    u = p * dt
-    two_cos_u = 2.0 * tl.cos(u)
-    cos_prev = 0.5 * two_cos_u * weight  # cos(-u)
-    sin_prev = -tl.sin(u) * weight  # sin(-u)
-    cos_cur = tl.zeros_like(p) + weight
-    sin_cur = tl.zeros_like(p)
-    return two_cos_u, cos_prev, cos_cur, sin_prev, sin_cur
+def sincos(angle):
+    """(sin, cos) of fp32 angles, sharing one reduction: angle = q pi/2 + r, |r| <= pi/4, with pi/2
+    split in pieces of at most 8 significant bits (exact products for |q| < 2^16, so the same
+    result with or without FMA), then minimax polynomials in r (Cephes' sinf/cosf) and the
+    quadrant's signs. Absolute error about 1e-7 for |angle| < 1e5; past it, about the rounding
+    of the fp32 angle itself. tl.sin/tl.cos also cover huge angles exactly, with a slow path
+    whose local array and long live ranges make ptxas spill registers in these kernels."""
+    quadrant = tl.floor(angle * 0.6366197723675814 + 0.5)
+    r = angle - quadrant * 1.5703125
+    r = r - quadrant * 4.84466552734375e-4
+    r = r + quadrant * 6.407499313354492e-7
+    r = r - quadrant * 9.92093629470503e-10
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 - r2 * 1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (
+        4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5)
+    )
+    q = quadrant.to(tl.int32)
+    odd = (q & 1) != 0
+    sin_abs = tl.where(odd, cos_r, sin_r)
+    cos_abs = tl.where(odd, sin_r, cos_r)
+    sin = tl.where((q & 2) != 0, -sin_abs, sin_abs)
+    cos = tl.where(((q + 1) & 2) != 0, -cos_abs, cos_abs)
+    return sin, cos
 
 
 @triton.jit
-def chebyshev_step(two_cos_u, prev, cur):
-    """(f_k, f_{k+1}) from (f_{k-1}, f_k): f_{k+1} = 2 cos(u) f_k - f_{k-1}."""
-    return cur, two_cos_u * cur - prev
+def rotation_start(p, dt):
+    """(alpha, beta) = (2 sin^2(u / 2), sin(u)), u = dt p: the rotation by u in the form
+    c' = c - (alpha c + beta s), s' = s - (alpha s - beta c). Unlike cos(u), alpha keeps its
+    relative precision for small u, so the recurrence drifts little (Numerical Recipes 5.4)."""
+    sin_half, cos_half = sincos(0.5 * dt * p)
+    return 2.0 * sin_half * sin_half, 2.0 * sin_half * cos_half
+
+
+@triton.jit
+def rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, weight, T: tl.constexpr):
+    """weight * (cos, sin)((k + 1) dt p) from weight * (cos, sin)(k dt p). On grids longer than
+    RESEED_EVERY points, every RESEED_EVERY-th point is computed directly instead, so the error
+    stays that of direct fp32 trig whatever the length (weight: 1, or 0 on padded rows)."""
+    cos_next = cos_k - (alpha * cos_k + beta * sin_k)
+    sin_next = sin_k - (alpha * sin_k - beta * cos_k)
+    if T > RESEED_EVERY:
+        if (k + 1) % RESEED_EVERY.value == 0:
+            sin_direct, cos_direct = sincos(((k + 1) * dt) * p)
+            cos_next = cos_direct * weight
+            sin_next = sin_direct * weight
+    return cos_next, sin_next

@@ -1,11 +1,12 @@
 """Backward kernel: dP = d(loss)/d(x @ A) for a chunk of slices, recomputing x @ A.
 
-A program owns a [BLOCK_S, BLOCK_N] (slices x rows) tile: it recomputes the projection tile with `tl.dot`, runs
-the same trig recurrence as the forward and accumulates, in registers,
+A program owns a [BLOCK_S, BLOCK_N] (slices x rows) tile: it recomputes the projection tile with
+`tl.dot`, runs the same trig recurrence as the forward and accumulates, in registers,
     dP[n, s] = sum_k cos(t_k P) cos_coef[k, s] + sin(t_k P) sin_coef[k, s]
 with cos_coef = t * dL/dZ and sin_coef = -t * dL/dC. The tile is written out transposed, as
-dP^T [chunk, N] (fp32, or bf16 for bf16 inputs), and cuBLAS forms dx += dP @ A^T, chunk of slices by chunk of slices, so the dP
-buffer never exceeds DP_CHUNK_BYTES and no [N, S, T] tensor exists.
+dP^T [chunk, N] (fp32, or bf16 for bf16 inputs), and cuBLAS adds dP @ A^T to an fp32 dx, chunk
+of slices by chunk of slices, so the dP buffer never exceeds DP_CHUNK_BYTES and no [N, S, T]
+tensor exists.
 
 Why chunk + cuBLAS rather than one kernel that also does dP @ A^T: a program that owns rows
 must hold a [BLOCK_N, D] fp32 accumulator (D in the hundreds to thousands does not fit in
@@ -19,14 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import chebyshev_start, chebyshev_step, projection_tile
+from ._tiles import projection_tile, rotation_start, rotation_step, row_starts, sincos
 from .config import (
     BACKWARD_CONFIGS,
     KernelConfig,
     input_precision,
     interpreter_bf16,
     kernel_directions,
-    launch_device_check,
+    kernel_operands,
+    launch_scope,
 )
 
 DP_CHUNK_BYTES = 32 << 20
@@ -45,9 +47,7 @@ def ecf_backward_kernel(
     D,
     S,
     chunk_start,
-    chunk_size,
     stride_xn,
-    stride_xd,
     dt,
     T: tl.constexpr,
     UNIFORM: tl.constexpr,
@@ -63,29 +63,31 @@ def ecf_backward_kernel(
     local_cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = chunk_start + local_cols
     row_mask = rows < N
-    col_mask = local_cols < chunk_size
+    col_mask = cols < S
     p = projection_tile(
-        x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, S,
+        x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, S, stride_xn,
         BLOCK_N, BLOCK_S, BLOCK_D, INPUT_PRECISION, UPCAST_BF16,
     )
-    cos_coef = coef_ptr + cols
-    sin_coef = cos_coef + T * S
+    # The coefficients are a [2T, S] matrix: rows k (of cos(t_k P)) and T + k (of sin(t_k P)).
     grad = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     if UNIFORM:
-        two_cos_u, cos_prev, cos_cur, sin_prev, sin_cur = chebyshev_start(p, dt, 1.0)
+        alpha, beta = rotation_start(p, dt)
+        cos_k = tl.zeros_like(p) + 1.0
+        sin_k = tl.zeros_like(p)
         for k in range(T):
-            a = tl.load(cos_coef + k * S, mask=col_mask, other=0.0)
-            b = tl.load(sin_coef + k * S, mask=col_mask, other=0.0)
-            grad += cos_cur * a[:, None] + sin_cur * b[:, None]
-            cos_prev, cos_cur = chebyshev_step(two_cos_u, cos_prev, cos_cur)
-            sin_prev, sin_cur = chebyshev_step(two_cos_u, sin_prev, sin_cur)
+            cos_coef = row_starts(coef_ptr, k, S) + cols
+            a = tl.load(cos_coef, mask=col_mask, other=0.0)
+            b = tl.load(row_starts(cos_coef, T, S), mask=col_mask, other=0.0)
+            grad += cos_k * a[:, None] + sin_k * b[:, None]
+            cos_k, sin_k = rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, 1.0, T)
     else:
         for k in range(T):
-            angle = tl.load(t_ptr + k) * p
-            a = tl.load(cos_coef + k * S, mask=col_mask, other=0.0)
-            b = tl.load(sin_coef + k * S, mask=col_mask, other=0.0)
-            grad += tl.cos(angle) * a[:, None] + tl.sin(angle) * b[:, None]
-    out = dp_ptr + local_cols.to(tl.int64)[:, None] * N + rows[None, :]
+            sin_k, cos_k = sincos(tl.load(t_ptr + k) * p)
+            cos_coef = row_starts(coef_ptr, k, S) + cols
+            a = tl.load(cos_coef, mask=col_mask, other=0.0)
+            b = tl.load(row_starts(cos_coef, T, S), mask=col_mask, other=0.0)
+            grad += cos_k * a[:, None] + sin_k * b[:, None]
+    out = row_starts(dp_ptr, local_cols, N)[:, None] + rows[None, :]
     tl.store(out, grad.to(dp_ptr.dtype.element_ty), mask=col_mask[:, None] & row_mask[None, :])
 
 
@@ -94,6 +96,24 @@ def slices_per_chunk(n_rows: int, n_slices: int, itemsize: int, block_s: int) ->
     at most n_slices, and few enough tiles for the grid's second axis (< 65536)."""
     tiles = max(1, DP_CHUNK_BYTES // (n_rows * itemsize * block_s))
     return min(n_slices, min(tiles, MAX_GRID_Y) * block_s)
+
+
+def add_product(grad_x: torch.Tensor, dp: torch.Tensor, directions: torch.Tensor) -> None:
+    """grad_x += dp @ directions, summed in fp32: grad_x [N, D] fp32, dp [N, chunk] fp32 or
+    bf16, directions [chunk, D] fp32 (rounded to bf16 for bf16 dp, as the kernels round A).
+
+    For bf16 on a GPU, cuBLAS multiplies the bf16 operands on tensor cores and returns fp32
+    (`out_dtype`), so no chunk's product is rounded to bf16; on the CPU (the interpreter) the
+    same bf16 values are multiplied in fp32.
+    """
+    if dp.dtype == torch.float32:
+        grad_x.addmm_(dp, directions)
+        return
+    directions = directions.to(dp.dtype)
+    if dp.device.type == "cpu":
+        grad_x.addmm_(dp.float(), directions.float())
+    else:
+        grad_x.add_(torch.mm(dp, directions, out_dtype=torch.float32))
 
 
 def ecf_backward(
@@ -107,10 +127,11 @@ def ecf_backward(
 ) -> torch.Tensor:
     """dx [N, D] in x's dtype from the gradients grad_cos, grad_sin [S, T] of the ECF sums.
 
-    x: [N, D] fp32/bf16/fp16, any strides; A: [D, S] fp32 contiguous; t: [T] fp32;
-    uniform_step as in `ecf_forward`; config defaults to BACKWARD_CONFIGS[x.dtype].
+    x: [N, D] fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes:
+    see `kernel_operands`); uniform_step as in `ecf_forward`; config defaults to
+    BACKWARD_CONFIGS[x.dtype].
     """
-    launch_device_check(x, A, t, grad_cos, grad_sin)
+    x, A, t = kernel_operands(x, A, t)
     config = config or BACKWARD_CONFIGS[x.dtype]
     N, D = x.shape
     S, T = A.shape[1], t.numel()
@@ -119,22 +140,24 @@ def ecf_backward(
     dp_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     chunk = slices_per_chunk(N, S, dp_dtype.itemsize, config.block_s)
     dp_t = torch.empty(chunk, N, dtype=dp_dtype, device=x.device)
-    grad_x = None
+    grad_x = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+    directions = kernel_directions(A, x)
     for start in range(0, S, chunk):
         size = min(chunk, S - start)
         grid = (triton.cdiv(N, config.block_n), triton.cdiv(size, config.block_s))
-        ecf_backward_kernel[grid](
-            x, kernel_directions(A, x), t, coef, dp_t, N, D, S, start, size, x.stride(0), x.stride(1), float(uniform_step),
-            T=T,
-            UNIFORM=uniform_step > 0,
-            BLOCK_N=config.block_n,
-            BLOCK_S=config.block_s,
-            BLOCK_D=config.block_d,
-            INPUT_PRECISION=input_precision(x.dtype),
-            UPCAST_BF16=interpreter_bf16(x),
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-        part = dp_t[:size].T @ A[:, start : start + size].T.to(dp_dtype)
-        grad_x = part.float() if grad_x is None else grad_x.add_(part)
+        with launch_scope(x.device):
+            ecf_backward_kernel[grid](
+                x, directions, t, coef, dp_t, N, D, S, start, x.stride(0),
+                float(uniform_step),
+                T=T,
+                UNIFORM=uniform_step > 0,
+                BLOCK_N=config.block_n,
+                BLOCK_S=config.block_s,
+                BLOCK_D=config.block_d,
+                INPUT_PRECISION=input_precision(x.dtype),
+                UPCAST_BF16=interpreter_bf16(x),
+                num_warps=config.num_warps,
+                num_stages=config.num_stages,
+            )
+        add_product(grad_x, dp_t[:size].T, A[:, start : start + size].T)
     return grad_x.to(x.dtype)

@@ -1,14 +1,20 @@
-"""Launch settings shared by the kernels: block configurations, dtype rules, device checks."""
+"""Launch settings shared by the kernels: block configurations, dtype rules, operand checks and
+the scope every launch runs in."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import triton
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_LIMIT = 2**31
+"""Rows, features and slices are indexed in int32 inside the kernels (addresses are 64-bit)."""
 
 
 @dataclass(frozen=True)
@@ -22,14 +28,19 @@ class KernelConfig:
     num_stages: int
 
 
-# Chosen from ptxas register counts for sm_80 and sm_90 (tests/test_compile_targets.py): none of
-# these spills, for either grid. Deeper software pipelining of the D loop (num_stages=3) spilled
-# in every variant tried, and so did 64x64 backward tiles with fp16 inputs (fp32 dP stores).
-_FORWARD = KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1)
-FORWARD_CONFIGS = {torch.float32: _FORWARD, torch.bfloat16: _FORWARD, torch.float16: _FORWARD}
+# Chosen from ptxas register counts for sm_80 and sm_90 under Triton 3.6 and 3.8, for every
+# launch the tests compile (tests/test_compile_targets.py): none spills, and none needs more than
+# about 210 registers, which leaves room for other ptxas versions. fp32 tiles reach tl.dot as
+# 3xTF32 (each operand split in two), hence the narrower D step of the fp32 forward.
+_FORWARD_16BIT = KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1)
+FORWARD_CONFIGS = {
+    torch.float32: KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=8, num_stages=1),
+    torch.bfloat16: _FORWARD_16BIT,
+    torch.float16: _FORWARD_16BIT,
+}
 BACKWARD_CONFIGS = {
     torch.float32: KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=2),
-    torch.bfloat16: KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=2),
+    torch.bfloat16: KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=2),
     torch.float16: KernelConfig(block_n=32, block_s=32, block_d=32, num_warps=4, num_stages=2),
 }
 
@@ -69,6 +80,70 @@ def launch_device_check(x: torch.Tensor, *others: torch.Tensor) -> None:
     for other in others:
         if other.device != x.device:
             raise ValueError(f"all inputs must be on {x.device}, got one on {other.device}")
+
+
+def kernel_operands(
+    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, A, t) in the layouts the kernels read, after checking dtypes, devices and shapes.
+
+    x: [N, D] fp32/bf16/fp16, any row stride, copied only if its features are not contiguous;
+    A: [D, S] and t: [T], returned contiguous fp32 (copies only where they are not).
+    """
+    launch_device_check(x, A, t)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
+    if A.dim() != 2 or A.shape[0] != x.shape[1]:
+        raise ValueError(f"A must be [D, S] with D = x.shape[1] = {x.shape[1]}, got {tuple(A.shape)}")
+    if t.dim() != 1:
+        raise ValueError(f"t must be 1-D [T], got shape {tuple(t.shape)}")
+    sizes = (("rows N", x.shape[0]), ("features D", x.shape[1]), ("slices S", A.shape[1]))
+    for name, size in sizes:
+        if size >= INDEX_LIMIT:
+            raise ValueError(
+                f"the Triton kernels take fewer than 2^31 {name}, got {size}; use backend='torch'"
+            )
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        x = x.contiguous()
+    return x, A.to(torch.float32).contiguous(), t.to(torch.float32).contiguous()
+
+
+@contextlib.contextmanager
+def launch_scope(device: torch.device) -> Iterator[None]:
+    """The scope of a kernel launch for tensors on `device`: that GPU made current (a launch
+    goes to the current device, not to its tensors'), and in the interpreter of Triton < 3.8,
+    scalar-to-index conversion that numpy >= 2.4 accepts (`range` over a runtime bound)."""
+    with contextlib.ExitStack() as stack:
+        if device.type == "cuda":
+            stack.enter_context(torch.cuda.device(device))
+        if interpreting() and _triton_version() < (3, 8):
+            stack.enter_context(_interpreter_scalar_index())
+        yield
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+@contextlib.contextmanager
+def _interpreter_scalar_index() -> Iterator[None]:
+    """Triton's interpreter holds a kernel's scalars as one-element arrays; before 3.8 it turns
+    them into Python ints with int(array), which numpy 2.4 refuses for arrays of one dimension.
+    Within this scope each interpreted launch converts them as Triton 3.8 does."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patch_tensor_with_scalar_index(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_tensor_with_scalar_index
+    try:
+        yield
+    finally:
+        interpreter._patch_lang_tensor = patch_tensor
 
 
 @functools.lru_cache(maxsize=None)

@@ -6,8 +6,8 @@ while it is in registers, turned into the T cos and sin column sums, which are a
 program's own slot of a small [splits, 2, T, S] fp32 buffer. Only that buffer leaves the kernel;
 torch sums it over splits in a fixed order, so the result is deterministic.
 
-On the uniform grid t_k = k dt the T values come from cos(dt P) and sin(dt P) by the Chebyshev
-recurrence f_{k+1} = 2 cos(dt P) f_k - f_{k-1}; any other grid uses direct trig.
+On the uniform grid t_k = k dt the T values come from cos and sin of dt P by the rotation
+recurrence (`rotation_step`); any other grid uses direct trig.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import chebyshev_start, chebyshev_step, projection_tile
+from ._tiles import projection_tile, rotation_start, rotation_step, row_starts, sincos
 from .config import (
     FORWARD_CONFIGS,
     KernelConfig,
     input_precision,
     interpreter_bf16,
     kernel_directions,
-    launch_device_check,
+    kernel_operands,
+    launch_scope,
     program_count_target,
 )
 
@@ -45,7 +46,6 @@ def ecf_forward_kernel(
     D,
     S,
     stride_xn,
-    stride_xd,
     rows_per_split,
     dt,
     T: tl.constexpr,
@@ -60,31 +60,35 @@ def ecf_forward_kernel(
     split = tl.program_id(1)
     cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     col_mask = cols < S
-    cos_out = partial_ptr + split.to(tl.int64) * (2 * T * S) + cols
-    sin_out = cos_out + T * S
+    # This program's slot: rows split * 2T + k (cos) and split * 2T + T + k (sin) of the
+    # partial sums seen as a [splits * 2T, S] matrix.
+    cos_row = split * (2 * T)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
     for r0 in range(row_start, row_end, BLOCK_N):
         rows = r0 + tl.arange(0, BLOCK_N)
         row_mask = rows < row_end
         p = projection_tile(
-            x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, stride_xn, stride_xd, S,
+            x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, S, stride_xn,
             BLOCK_N, BLOCK_S, BLOCK_D, INPUT_PRECISION, UPCAST_BF16,
         )
         # 1 on real rows, 0 on padding: it scales the recurrence's seeds, so padded rows add 0.
         valid = tl.where(row_mask, 1.0, 0.0)[None, :]
         if UNIFORM:
-            two_cos_u, cos_prev, cos_cur, sin_prev, sin_cur = chebyshev_start(p, dt, valid)
+            alpha, beta = rotation_start(p, dt)
+            cos_k = tl.zeros_like(p) + valid
+            sin_k = tl.zeros_like(p)
             for k in range(T):
-                _accumulate(cos_out + k * S, col_mask, tl.sum(cos_cur, axis=1))
-                _accumulate(sin_out + k * S, col_mask, tl.sum(sin_cur, axis=1))
-                cos_prev, cos_cur = chebyshev_step(two_cos_u, cos_prev, cos_cur)
-                sin_prev, sin_cur = chebyshev_step(two_cos_u, sin_prev, sin_cur)
+                cos_out = row_starts(partial_ptr, cos_row + k, S) + cols
+                _accumulate(cos_out, col_mask, tl.sum(cos_k, axis=1))
+                _accumulate(row_starts(cos_out, T, S), col_mask, tl.sum(sin_k, axis=1))
+                cos_k, sin_k = rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, valid, T)
         else:
             for k in range(T):
-                angle = tl.load(t_ptr + k) * p
-                _accumulate(cos_out + k * S, col_mask, tl.sum(tl.cos(angle) * valid, axis=1))
-                _accumulate(sin_out + k * S, col_mask, tl.sum(tl.sin(angle) * valid, axis=1))
+                sin_k, cos_k = sincos(tl.load(t_ptr + k) * p)
+                cos_out = row_starts(partial_ptr, cos_row + k, S) + cols
+                _accumulate(cos_out, col_mask, tl.sum(cos_k * valid, axis=1))
+                _accumulate(row_starts(cos_out, T, S), col_mask, tl.sum(sin_k * valid, axis=1))
         # The next row block re-reads these sums, perhaps from other threads of the program.
         tl.debug_barrier()
 
@@ -98,11 +102,11 @@ def ecf_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, Z) [S, T] fp32: sums over rows of cos and sin of t_k (x @ A).
 
-    x: [N, D] fp32/bf16/fp16, any strides; A: [D, S] fp32 contiguous; t: [T] fp32.
-    uniform_step > 0 declares t_k = k * uniform_step (recurrence); 0 means use t directly.
-    config defaults to FORWARD_CONFIGS[x.dtype].
+    x: [N, D] fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes:
+    see `kernel_operands`). uniform_step > 0 declares t_k = k * uniform_step (recurrence); 0
+    means use t directly. config defaults to FORWARD_CONFIGS[x.dtype].
     """
-    launch_device_check(x, A, t)
+    x, A, t = kernel_operands(x, A, t)
     config = config or FORWARD_CONFIGS[x.dtype]
     N, D = x.shape
     S, T = A.shape[1], t.numel()
@@ -112,16 +116,18 @@ def ecf_forward(
     rows_per_split = triton.cdiv(row_blocks, splits) * config.block_n
     splits = triton.cdiv(N, rows_per_split)
     partials = torch.zeros(splits, 2, T, S, dtype=torch.float32, device=x.device)
-    ecf_forward_kernel[(slice_tiles, splits)](
-        x, kernel_directions(A, x), t, partials, N, D, S, x.stride(0), x.stride(1), rows_per_split, float(uniform_step),
-        T=T,
-        UNIFORM=uniform_step > 0,
-        BLOCK_N=config.block_n,
-        BLOCK_S=config.block_s,
-        BLOCK_D=config.block_d,
-        INPUT_PRECISION=input_precision(x.dtype),
-        UPCAST_BF16=interpreter_bf16(x),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
-    )
+    with launch_scope(x.device):
+        ecf_forward_kernel[(slice_tiles, splits)](
+            x, kernel_directions(A, x), t, partials, N, D, S, x.stride(0), rows_per_split,
+            float(uniform_step),
+            T=T,
+            UNIFORM=uniform_step > 0,
+            BLOCK_N=config.block_n,
+            BLOCK_S=config.block_s,
+            BLOCK_D=config.block_d,
+            INPUT_PRECISION=input_precision(x.dtype),
+            UPCAST_BF16=interpreter_bf16(x),
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
     return partials[:, 0].sum(0).T.contiguous(), partials[:, 1].sum(0).T.contiguous()
