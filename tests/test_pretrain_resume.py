@@ -4,6 +4,7 @@ change on resume."""
 
 import argparse
 import json
+import random
 import signal
 
 import pytest
@@ -16,8 +17,10 @@ from lejepa_kernels.pretrain.options import FREE_ON_RESUME, RUN_SETTINGS
 from test_pretrain import TINY, one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
 
 # The tiny run with 256 images per step: 5 steps per epoch of the 1,438 training images, so that a
-# few steps cross an epoch boundary. The schedule spans the 2 epochs; the runs stop at STEPS.
-RUN = [*TINY, "--batch-size", "256", "--epochs", "2"]
+# few steps cross an epoch boundary. The schedule spans the 2 epochs; the runs stop at STEPS. On the
+# CPU, whose kernels are deterministic (exactness holds on one device; CUDA kernels need not be).
+DEVICE = ["--device", "cpu"]
+RUN = [*TINY, *DEVICE, "--batch-size", "256", "--epochs", "2"]
 STEPS_PER_EPOCH, STEPS = 5, 7
 
 
@@ -50,7 +53,7 @@ def run(directory, name: str, *argv: str, base=RUN) -> dict:
 
 def resume(directory, name: str, saved, *argv: str) -> dict:
     """Resume ``saved`` with no run option: they all come from the checkpoint."""
-    return run(directory, name, "--resume", str(saved), *argv, base=["pretrain"])
+    return run(directory, name, "--resume", str(saved), *argv, base=["pretrain", *DEVICE])
 
 
 def without_seconds(history: list) -> list:
@@ -152,6 +155,20 @@ def test_options_that_define_the_run_cannot_change_on_resume(tmp_path, capsys, u
         "without --resume"
     ]
     assert not (tmp_path / "changed.pt").exists()
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here")),
+])
+def test_generator_states_are_restored(device):
+    device = torch.device(device)
+    state = checkpoint.rng_state(device)
+    expected = torch.rand(3), torch.rand(3, device=device), random.random()
+    torch.rand(3), torch.rand(3, device=device), random.random()
+    checkpoint.set_rng_state(state, device)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert torch.equal(torch.rand(3, device=device), expected[1])
+    assert random.random() == expected[2]
 
 
 def test_every_option_defines_the_run_or_may_change_on_resume():
