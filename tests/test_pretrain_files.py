@@ -8,11 +8,11 @@ import stat
 
 import pytest
 import torch
+from test_pretrain import TINY, one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
 
 from lejepa_kernels.cli import main
 from lejepa_kernels.lejepa import LeJEPA
 from lejepa_kernels.pretrain import train
-from test_pretrain import TINY, one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
 
 
 @pytest.fixture(autouse=True)

@@ -9,12 +9,12 @@ import signal
 
 import pytest
 import torch
+from test_pretrain import TINY, one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
 
 from lejepa_kernels.cli import main
 from lejepa_kernels.lejepa import LeJEPA
 from lejepa_kernels.pretrain import add_parser, checkpoint, train
 from lejepa_kernels.pretrain.options import FREE_ON_RESUME, RUN_SETTINGS
-from test_pretrain import TINY, one_thread  # noqa: F401  (one_thread: a module-wide autouse fixture)
 
 # The tiny run with 256 images per step: 5 steps per epoch of the 1,438 training images, so that a
 # few steps cross an epoch boundary. The schedule spans the 2 epochs; the runs stop at STEPS. On the

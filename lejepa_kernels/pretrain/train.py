@@ -23,8 +23,18 @@ from tqdm import tqdm
 from ..lejepa import LeJEPA
 from .checkpoint import check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import (
-    IMAGENET_MEAN, IMAGENET_STD, EpochSampler, MultiCrop, Normalize, SeededViews, Split, check_data_path,
-    digits_dataset, image_folder, split_indices, view_transforms,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EpochSampler,
+    MultiCrop,
+    Normalize,
+    SeededViews,
+    Split,
+    check_data_path,
+    digits_dataset,
+    image_folder,
+    split_indices,
+    view_transforms,
 )
 from .device import autocast, resolve_device
 from .files import atomic_write, check_output_path
