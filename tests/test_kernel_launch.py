@@ -163,3 +163,13 @@ def test_row_starts_are_64_bit(first_row, row_stride):
         _row_start_offsets[(1,)](out, base, first_row, row_stride, ROWS=16)
     rows = torch.arange(first_row, first_row + 16, dtype=torch.int64)
     assert out.tolist() == (rows * row_stride * base.element_size()).tolist()
+
+
+def test_bf16_chunk_products_are_requested_in_fp32_on_gpus():
+    """Off the CPU, a bf16 chunk's dP @ A^T comes out of cuBLAS in fp32 (`out_dtype`): checked
+    on the meta device, which takes the same call (shapes and dtypes only)."""
+    grad_x = torch.zeros(N, D, device="meta")
+    dp = torch.empty(S, N, dtype=torch.bfloat16, device="meta").T
+    directions = torch.empty(D, S, device="meta").T
+    backward_module.add_product(grad_x, dp, directions)
+    assert grad_x.dtype == torch.float32 and grad_x.shape == (N, D)
