@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import embeddings, has_c_compiler, loss_and_grad, uniform_grid
 
-from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, cpu_backend, cpu_library, ecf_sums
+from lejepa_kernels import FusedSlicedEppsPulley, cpu_backend, cpu_library, ecf_sums
 from lejepa_kernels.backends import choose
-from lejepa_kernels.reference import random_directions
+from lejepa_kernels.reference import SlicedEppsPulley, random_directions
 
 pytestmark = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler here")
 

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, sliced_epps_pulley
+from lejepa_kernels import FusedSlicedEppsPulley, sliced_epps_pulley
 from lejepa_kernels.lejepa import LeJEPA
+from lejepa_kernels.reference import SlicedEppsPulley
 
 ROWS = {2: (7, 1), 3: (5, 9, 2)}  # rows per rank: unequal, and a rank may hold a single row
 D, S, T_MAX, N_POINTS = 6, 16, 3.0, 9

@@ -5,8 +5,8 @@ import torch
 from conftest import uniform_grid
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, cpu_backend, cpu_library, fallback
-from lejepa_kernels.reference import quadrature, random_directions
+from lejepa_kernels import FusedSlicedEppsPulley, cpu_backend, cpu_library, fallback
+from lejepa_kernels.reference import SlicedEppsPulley, quadrature, random_directions
 
 N, D, S, T = 160, 24, 1200, 17
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import DEVICE, embeddings, loss_and_grad
 
-from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, sliced_epps_pulley
-from lejepa_kernels.reference import quadrature
+from lejepa_kernels import FusedSlicedEppsPulley, ecf_sums, sliced_epps_pulley
+from lejepa_kernels.reference import SlicedEppsPulley, quadrature
 
 
 def test_state_dict_interchange_both_ways():

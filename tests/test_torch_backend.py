@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS, assert_no_worse_than_seed, embeddings, loss_and_grad
 
-from lejepa_kernels import FusedSlicedEppsPulley, SlicedEppsPulley, ecf_sums, fallback, sliced_epps_pulley
-from lejepa_kernels.reference import quadrature, random_directions
+from lejepa_kernels import FusedSlicedEppsPulley, ecf_sums, fallback, sliced_epps_pulley
+from lejepa_kernels.reference import SlicedEppsPulley, quadrature, random_directions
 
 SHAPES = [(37, 24, 19), (2, 3, 1), (300, 96, 257), (129, 7, 64)]
 
