@@ -176,8 +176,9 @@ def test_recurrence_as_accurate_as_direct_trig(T):
         return sum_error / N, (dx.double() - want_dx).abs().max().item() / want_dx.abs().max().item()
 
     assert P.abs().max() * 3.0 > 8  # angles up to 3 |P|: more than a turn
-    # Both within the same bounds: mean error per row of the sums, relative error of dx.
-    for uniform_step in (3.0 / (T - 1), 0.0):
+    # Within the bounds direct trig meets (run up to 129 points: in the interpreter its cost
+    # grows with T, its error does not): mean error per row of the sums, relative error of dx.
+    for uniform_step in (3.0 / (T - 1), 0.0) if T <= 129 else (3.0 / (T - 1),):
         sum_error, grad_error = errors(uniform_step)
         assert sum_error < 3e-7 and grad_error < 1.5e-6, (uniform_step, sum_error, grad_error)
 

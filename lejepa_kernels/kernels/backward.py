@@ -69,24 +69,28 @@ def ecf_backward_kernel(
         BLOCK_N, BLOCK_S, BLOCK_D, INPUT_PRECISION, UPCAST_BF16,
     )
     # The coefficients are a [2T, S] matrix: rows k (of cos(t_k P)) and T + k (of sin(t_k P)).
+    cos_coef = coef_ptr + cols
+    sin_coef = row_starts(cos_coef, T, S)
     grad = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     if UNIFORM:
         alpha, beta = rotation_start(p, dt)
         cos_k = tl.zeros_like(p) + 1.0
         sin_k = tl.zeros_like(p)
         for k in range(T):
-            cos_coef = row_starts(coef_ptr, k, S) + cols
             a = tl.load(cos_coef, mask=col_mask, other=0.0)
-            b = tl.load(row_starts(cos_coef, T, S), mask=col_mask, other=0.0)
+            b = tl.load(sin_coef, mask=col_mask, other=0.0)
             grad += cos_k * a[:, None] + sin_k * b[:, None]
             cos_k, sin_k = rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, 1.0, T)
+            cos_coef += S
+            sin_coef += S
     else:
         for k in range(T):
             sin_k, cos_k = sincos(tl.load(t_ptr + k) * p)
-            cos_coef = row_starts(coef_ptr, k, S) + cols
             a = tl.load(cos_coef, mask=col_mask, other=0.0)
-            b = tl.load(row_starts(cos_coef, T, S), mask=col_mask, other=0.0)
+            b = tl.load(sin_coef, mask=col_mask, other=0.0)
             grad += cos_k * a[:, None] + sin_k * b[:, None]
+            cos_coef += S
+            sin_coef += S
     out = row_starts(dp_ptr, local_cols, N)[:, None] + rows[None, :]
     tl.store(out, grad.to(dp_ptr.dtype.element_ty), mask=col_mask[:, None] & row_mask[None, :])
 

@@ -74,21 +74,25 @@ def ecf_forward_kernel(
         )
         # 1 on real rows, 0 on padding: it scales the recurrence's seeds, so padded rows add 0.
         valid = tl.where(row_mask, 1.0, 0.0)[None, :]
+        cos_out = row_starts(partial_ptr, cos_row, S) + cols
+        sin_out = row_starts(cos_out, T, S)
         if UNIFORM:
             alpha, beta = rotation_start(p, dt)
             cos_k = tl.zeros_like(p) + valid
             sin_k = tl.zeros_like(p)
             for k in range(T):
-                cos_out = row_starts(partial_ptr, cos_row + k, S) + cols
                 _accumulate(cos_out, col_mask, tl.sum(cos_k, axis=1))
-                _accumulate(row_starts(cos_out, T, S), col_mask, tl.sum(sin_k, axis=1))
+                _accumulate(sin_out, col_mask, tl.sum(sin_k, axis=1))
                 cos_k, sin_k = rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, valid, T)
+                cos_out += S
+                sin_out += S
         else:
             for k in range(T):
                 sin_k, cos_k = sincos(tl.load(t_ptr + k) * p)
-                cos_out = row_starts(partial_ptr, cos_row + k, S) + cols
                 _accumulate(cos_out, col_mask, tl.sum(cos_k * valid, axis=1))
-                _accumulate(row_starts(cos_out, T, S), col_mask, tl.sum(sin_k * valid, axis=1))
+                _accumulate(sin_out, col_mask, tl.sum(sin_k * valid, axis=1))
+                cos_out += S
+                sin_out += S
         # The next row block re-reads these sums, perhaps from other threads of the program.
         tl.debug_barrier()
 
