@@ -7,7 +7,6 @@ import contextlib
 
 import pytest
 import torch
-from conftest import embeddings
 
 pytest.importorskip("triton")
 
@@ -21,6 +20,11 @@ from lejepa_kernels.kernels import forward as forward_module  # noqa: E402
 from lejepa_kernels.reference import quadrature, random_directions  # noqa: E402
 
 N, D, S, T = 37, 24, 19, 17
+
+
+def embeddings(rows, features, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, features, generator=g, dtype=torch.float64).to(dtype)
 
 
 def oracle(x, A, t, grad_cos, grad_sin):
@@ -155,12 +159,12 @@ def _row_start_offsets(out_ptr, base_ptr, first_row, row_stride, ROWS: tl.conste
 
 @pytest.mark.parametrize("first_row, row_stride", [(0, 3), (16, 2**27), (2**20, 2**12 + 1)])
 def test_row_starts_are_64_bit(first_row, row_stride):
-    """Every address the kernels form goes through row_starts (rows of x, A, the dP buffer, the
-    partial sums and the coefficients): its offsets pass 2^31 elements without wrapping."""
+    """The kernels form every row offset with row_starts (rows of x, A, the dP buffer, the
+    partial sums, the coefficients; the grid-point loops then step 64-bit pointers by S): its
+    offsets pass 2^31 elements without wrapping."""
     out = torch.zeros(16, dtype=torch.int64)
     base = torch.zeros(1, dtype=torch.float32)
-    with config.launch_scope(base.device):
-        _row_start_offsets[(1,)](out, base, first_row, row_stride, ROWS=16)
+    _row_start_offsets[(1,)](out, base, first_row, row_stride, ROWS=16)
     rows = torch.arange(first_row, first_row + 16, dtype=torch.int64)
     assert out.tolist() == (rows * row_stride * base.element_size()).tolist()
 
