@@ -5,9 +5,9 @@ their kernels replaced by recorders. Each recorded launch is specialised as Trit
 (`specialisation`: an integer equal to 1 becomes a constant, integers and pointers divisible by
 16 get the `tt.divisibility` attribute, floats are fp32), checked against what the installed
 Triton's own JIT derives from the same arguments (`jit_specialisation`), and every distinct
-specialisation is compiled for each capability. Registers and spills come from the ptxas log of that very
-compilation (TRITON_DUMP_PTXAS_LOG, in a fresh cache), tensor-core instruction counts from the
-SASS of its cubin.
+specialisation is compiled for each capability. Registers and spills come from the ptxas log of
+that very compilation (TRITON_DUMP_PTXAS_LOG, in a fresh cache), tensor-core instruction counts
+from the SASS of its cubin.
 
 Run as a script (TRITON_INTERPRET unset: interpreted kernels cannot be compiled); prints one JSON
 object per compiled variant.
@@ -143,7 +143,8 @@ class _Recorder:
 
 def case_launches(dtype: torch.dtype, grid: str, shape: str) -> list[Launch]:
     """The launches the forward and backward launchers make for one case (CPU inputs, the
-    kernels recorded instead of run, the device check skipped)."""
+    kernels recorded instead of run, the device check skipped), with the forward's rows split
+    over programs and the backward's slices in chunks of one tile, as on a large GPU."""
     N, D, S = SHAPES[shape]
     T = GRIDS[grid]
     case = (TRITON_TYPES[dtype], grid, shape)
@@ -154,6 +155,8 @@ def case_launches(dtype: torch.dtype, grid: str, shape: str) -> list[Launch]:
     out: list[Launch] = []
     patches = {
         (config, "launch_device_check"): lambda *tensors: None,
+        (forward, "program_count_target"): lambda device: 64,
+        (backward, "DP_CHUNK_BYTES"): 1,
         (forward, "ecf_forward_kernel"): _Recorder("forward", case, out),
         (backward, "ecf_backward_kernel"): _Recorder("backward", case, out),
     }
