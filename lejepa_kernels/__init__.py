@@ -1,18 +1,17 @@
 """lejepa_kernels: fast, memory-bounded SIGReg (sliced Epps-Pulley) for LeJEPA.
 
-The SIGReg modules and functions need only torch; `LeJEPA` and `LeJEPAOutput` (the model, built
-on timm) are imported when first used.
+The SIGReg module and functions need only torch; `LeJEPA` and `LeJEPAOutput` (the model, built
+on timm) are imported when first used. The seed-faithful reference modules, which materialise
+[N, S, T] tensors, are in `lejepa_kernels.reference`, not here.
 """
 
 from .functional import ecf_sums, sliced_epps_pulley
-from .modules import EppsPulley, FusedSlicedEppsPulley, SlicedEppsPulley
+from .modules import FusedSlicedEppsPulley
 
 __all__ = [
-    "EppsPulley",
     "FusedSlicedEppsPulley",
     "LeJEPA",
     "LeJEPAOutput",
-    "SlicedEppsPulley",
     "ecf_sums",
     "sliced_epps_pulley",
 ]

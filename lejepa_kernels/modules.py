@@ -1,4 +1,4 @@
-"""nn.Modules: the seed's `EppsPulley`/`SlicedEppsPulley` and the drop-in `FusedSlicedEppsPulley`."""
+"""`FusedSlicedEppsPulley`: the drop-in for the seed's `SlicedEppsPulley` (in `reference.py`)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from .functional import (
     sliced_epps_pulley_on_grid,
     uniform_spacing,
 )
-from .reference import EppsPulley, SlicedEppsPulley
+from .reference import EppsPulley
 
-__all__ = ["EppsPulley", "SlicedEppsPulley", "FusedSlicedEppsPulley"]
+__all__ = ["FusedSlicedEppsPulley"]
 
 
 def step_is_on_host(step: torch.Tensor) -> bool:
