@@ -1,5 +1,9 @@
 """lejepa_kernels: fast, memory-bounded SIGReg (sliced Epps-Pulley) for LeJEPA.
 
+SIGReg compares the empirical characteristic function (ECF) of random 1-D projections of the
+embeddings with the standard normal's; everything here turns on the ECF sums over rows,
+`cos_sums` and `sin_sums` [slices, grid points] (docs/DESIGN.md).
+
 The SIGReg module and functions need only torch; `LeJEPA` and `LeJEPAOutput` (the model, built
 on timm) are imported when first used. The seed-faithful reference modules, which materialise
 [N, S, T] tensors, are in `lejepa_kernels.reference`, not here.

@@ -4,9 +4,9 @@ Each backend is a module with one interface:
 
 - `NAME`: its name, as `backend=` takes it;
 - `unavailable() -> str | None`: why it cannot run on this machine at all (None: it can);
-- `unsupported(x, n_points, uniform_step) -> str | None`: why it does not take this call;
-- `ecf_sums(x, A, t, uniform_step) -> (cos_sums, sin_sums)` and
-  `ecf_sums_backward(x, A, t, grad_cos, grad_sin, uniform_step) -> grad_x`.
+- `unsupported(x, n_points, dt) -> str | None`: why it does not take this call;
+- `ecf_sums(x, A, t, dt) -> (cos_sums, sin_sums)` and
+  `ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt) -> grad_x`.
 
 `choose` is the one place that decides: "auto" (or `$LEJEPA_KERNELS_BACKEND`) takes the first
 backend of `AUTO_ORDER` for the embeddings' device that runs here and takes the call; a backend named explicitly runs or
@@ -51,10 +51,10 @@ def _unavailable(name: str) -> str:
     return TABLE[name].unavailable() or ""
 
 
-def choose(backend: str, x: torch.Tensor, n_points: int, uniform_step: float) -> str:
+def choose(backend: str, x: torch.Tensor, n_points: int, dt: float) -> str:
     """The name of the backend that computes this call.
 
-    x: [N, D] embeddings; n_points: T; uniform_step > 0 for the uniform grid, 0 for any other.
+    x: [N, D] embeddings; n_points: T; dt > 0 for the uniform grid, 0 for any other.
     "auto" (or `$LEJEPA_KERNELS_BACKEND` when set) picks per AUTO_ORDER, warning once when the
     native CPU kernel cannot be built; an explicit backend that cannot run here raises
     BackendUnavailable (CpuKernelUnavailable for "cpu"), one that does not take the call
@@ -66,20 +66,20 @@ def choose(backend: str, x: torch.Tensor, n_points: int, uniform_step: float) ->
         if backend not in CHOICES:
             raise ValueError(f"${BACKEND_ENV} must be one of {CHOICES}, got {backend!r}")
     if backend == "auto":
-        return _auto(x, n_points, uniform_step)
+        return _auto(x, n_points, dt)
     reason = _unavailable(backend)
     if reason:
         error = CpuKernelUnavailable if backend == "cpu" else BackendUnavailable
         raise error(f"backend={backend!r} cannot run here: {reason}; use backend='auto' or 'torch'")
-    reason = TABLE[backend].unsupported(x, n_points, uniform_step)
+    reason = TABLE[backend].unsupported(x, n_points, dt)
     if reason:
         raise ValueError(f"backend={backend!r} does not take this call: {reason}; use backend='auto' or 'torch'")
     return backend
 
 
-def _auto(x: torch.Tensor, n_points: int, uniform_step: float) -> str:
+def _auto(x: torch.Tensor, n_points: int, dt: float) -> str:
     for name in AUTO_ORDER.get(x.device.type, ("torch",)):
-        if TABLE[name].unsupported(x, n_points, uniform_step) is not None:
+        if TABLE[name].unsupported(x, n_points, dt) is not None:
             continue
         reason = _unavailable(name)
         if not reason:

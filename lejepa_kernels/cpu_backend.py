@@ -33,22 +33,22 @@ def unavailable() -> str | None:
     return unavailable_reason()
 
 
-def unsupported(x: torch.Tensor, n_points: int, uniform_step: float) -> str | None:
+def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
     """Why the kernel does not take this call, or None: it takes CPU tensors of fp32, bf16 or
-    fp16 on a uniform grid (uniform_step > 0) of at most MAX_POINTS points."""
+    fp16 on a uniform grid (dt > 0) of at most MAX_POINTS points."""
     if x.device.type != "cpu":
         return f"it takes CPU tensors, got one on {x.device}"
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"it takes fp32, bf16 or fp16, got {x.dtype}"
-    if uniform_step <= 0:
-        return "it takes the uniform grid t_k = k * uniform_step only, got an arbitrary grid"
+    if dt <= 0:
+        return "it takes the uniform grid t_k = k * dt only, got an arbitrary grid"
     if n_points > MAX_POINTS:
         return f"it takes grids of at most {MAX_POINTS} points, got {n_points}"
     return None
 
 
-def _check_call(x: torch.Tensor, n_points: int, uniform_step: float) -> None:
-    reason = unsupported(x, n_points, uniform_step)
+def _check_call(x: torch.Tensor, n_points: int, dt: float) -> None:
+    reason = unsupported(x, n_points, dt)
     if reason:
         raise ValueError(f"the native CPU kernel does not take this call: {reason}")
 
@@ -99,17 +99,17 @@ def ecf_sums(
     x: torch.Tensor,
     A: torch.Tensor,
     t: torch.Tensor,
-    uniform_step: float,
+    dt: float,
     block_elements: int = BLOCK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos_sums, sin_sums), [S, T] fp32 each: sums over rows of cos and sin of t_k (x @ A).
 
-    x: [N, D] fp32/bf16/fp16 on the CPU; A: [D, S]; t: [T], the grid t_k = k * uniform_step
+    x: [N, D] fp32/bf16/fp16 on the CPU; A: [D, S]; t: [T], the grid t_k = k * dt
     (only its length is read). Partial sums over 256 rows are added in fp64.
     """
     lib = library()
     n_points, n_slices = t.numel(), A.shape[1]
-    _check_call(x, n_points, uniform_step)
+    _check_call(x, n_points, dt)
     x, A = x.float(), A.float()
     sums = torch.zeros(2, n_points, n_slices, dtype=torch.float64)
     for rows, cols in _blocks(x.shape[0], n_slices, block_elements):
@@ -118,7 +118,7 @@ def ecf_sums(
         cos_out, sin_out = sums[0, :, cols], sums[1, :, cols]
         _over_columns(
             lambda begin, end: lib.ecf_forward_block(
-                P.data_ptr(), n_rows, width, uniform_step, begin, end, n_points,
+                P.data_ptr(), n_rows, width, dt, begin, end, n_points,
                 cos_out.data_ptr(), sin_out.data_ptr(), n_slices,
             ),
             width,
@@ -132,16 +132,16 @@ def ecf_sums_backward(
     t: torch.Tensor,
     grad_cos: torch.Tensor,
     grad_sin: torch.Tensor,
-    uniform_step: float,
+    dt: float,
     block_elements: int = BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """dx [N, D] in x's dtype from the gradients [S, T] of the sums, recomputing projections.
 
-    t: [T], the grid (t_k = k * uniform_step). dx = dP @ A^T with
+    t: [T], the grid (t_k = k * dt). dx = dP @ A^T with
     dP[n, s] = sum_k t_k (cos(t_k P) grad_sin - sin(t_k P) grad_cos)[n, s, k].
     """
     lib = library()
-    _check_call(x, t.numel(), uniform_step)
+    _check_call(x, t.numel(), dt)
     xc, A, t = x.float(), A.float(), t.float()
     n_points, n_slices = t.numel(), A.shape[1]
     cos_coef, sin_coef = grad_proj_coefficients(t, grad_cos, grad_sin)
@@ -152,7 +152,7 @@ def ecf_sums_backward(
         cos_in, sin_in = cos_coef[:, cols], sin_coef[:, cols]
         _over_columns(
             lambda begin, end: lib.ecf_backward_block(
-                P.data_ptr(), n_rows, width, uniform_step, begin, end, n_points,
+                P.data_ptr(), n_rows, width, dt, begin, end, n_points,
                 cos_in.data_ptr(), sin_in.data_ptr(), n_slices,
             ),
             width,

@@ -48,7 +48,7 @@ class CpuKernelUnavailable(RuntimeError):
 
 
 _BLOCK_ARGUMENTS = [
-    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,  # P, rows, ld, step
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,  # P, rows, ld, dt
     ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # col_begin, col_end, n_points
     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # two [n_points, ld_sums] arrays, ld_sums
 ]

@@ -5,7 +5,7 @@ cos/sin sums at once, so no [N, S, T] (nor [N, S]) tensor ever exists: the extra
 fp32 copy of x, the gradient, and a few blocks of at most `block_elements` numbers. The backward
 recomputes each block instead of storing anything from the forward.
 
-On a uniform grid (t_k = k * uniform_step) the T values of cos/sin come from one cos and one sin
+On a uniform grid (t_k = k * dt) the T values of cos/sin come from one cos and one sin
 per projection by the Chebyshev recurrence, one in-place multiply-add per grid point; fp64 inputs
 and other grids use direct trig on the given t.
 """
@@ -29,7 +29,7 @@ def unavailable() -> str | None:
     return None
 
 
-def unsupported(x: torch.Tensor, n_points: int, uniform_step: float) -> str | None:
+def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
     """None: the PyTorch backend takes every call (any device, float dtype and grid)."""
     return None
 
@@ -61,32 +61,32 @@ def _direct_pair(P: torch.Tensor, t_k: float, sign: float, out: torch.Tensor) ->
 
 
 def _grid_values(
-    P: torch.Tensor, t: torch.Tensor, uniform_step: float
+    P: torch.Tensor, t: torch.Tensor, dt: float
 ) -> Iterator[tuple[int, float, torch.Tensor]]:
     """For k = 0..T-1, (k, sign, pair) with pair [2, rows, slices] and
     (cos(t_k P), sin(t_k P)) = sign * (pair[0], pair[1]).
 
     P: a [rows, slices] block. `pair` is overwritten by the next step: use it at once. With
-    uniform_step > 0 (and P not fp64) the Chebyshev recurrence f_{k+1} = 2 cos(u) f_k - f_{k-1},
-    u = uniform_step * P, runs in place on values stored with the signs + + - - (period 4),
+    dt > 0 (and P not fp64) the Chebyshev recurrence f_{k+1} = 2 cos(u) f_k - f_{k-1},
+    u = dt * P, runs in place on values stored with the signs + + - - (period 4),
     which makes each step a single addcmul_ over cos and sin together. Its fp32 error grows
     about as k^2, so it restarts from direct trig every RESTART_INTERVAL points (never on
     grids of up to RESTART_INTERVAL + 1 points, the default 17 included).
     """
-    if uniform_step <= 0 or P.dtype == torch.float64:
+    if dt <= 0 or P.dtype == torch.float64:
         for k in range(t.numel()):
             angles = P * t[k]
             yield k, 1.0, torch.stack([angles.cos(), angles.sin_()])
         return
-    u = P * uniform_step
+    u = P * dt
     two_cos = u.cos().mul_(2.0)
     prev = torch.stack([torch.ones_like(u), torch.zeros_like(u)])
     cur = torch.stack([two_cos * 0.5, u.sin_()])
     yield 0, 1.0, prev
     for k in range(1, t.numel()):
         if k % RESTART_INTERVAL == 1 and k > 1:
-            _direct_pair(P, k * uniform_step, _recurrence_sign(k), cur)
-            _direct_pair(P, (k - 1) * uniform_step, _recurrence_sign(k - 1), prev)
+            _direct_pair(P, k * dt, _recurrence_sign(k), cur)
+            _direct_pair(P, (k - 1) * dt, _recurrence_sign(k - 1), prev)
         yield k, _recurrence_sign(k), cur
         prev.addcmul_(two_cos, cur, value=_recurrence_sign(k + 1) * _recurrence_sign(k))
         prev, cur = cur, prev
@@ -96,20 +96,20 @@ def ecf_sums(
     x: torch.Tensor,
     A: torch.Tensor,
     t: torch.Tensor,
-    uniform_step: float = 0.0,
+    dt: float = 0.0,
     block_elements: int = BLOCK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over rows of cos and sin of t_k (x @ A).
 
-    x: [N, D] any float dtype; A: [D, S]; t: [T]; uniform_step > 0 declares t_k = k *
-    uniform_step. Returns (C, Z), each [S, T] in fp32 (fp64 if x is fp64):
-    C[s, k] = sum_n cos(t_k P[n, s]), Z[s, k] = sum_n sin(t_k P[n, s]).
+    x: [N, D] any float dtype; A: [D, S]; t: [T]; dt > 0 declares t_k = k *
+    dt. Returns (cos_sums, sin_sums), each [S, T] in fp32 (fp64 if x is fp64):
+    cos_sums[s, k] = sum_n cos(t_k P[n, s]), sin_sums[s, k] = sum_n sin(t_k P[n, s]).
     """
     dtype = compute_dtype(x)
     x, A, t = x.to(dtype), A.to(dtype), t.to(dtype)
     sums = x.new_zeros(2, t.numel(), A.shape[1])
     for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
-        for k, sign, pair in _grid_values(x[rows] @ A[:, cols], t, uniform_step):
+        for k, sign, pair in _grid_values(x[rows] @ A[:, cols], t, dt):
             sums[:, k, cols].add_(pair.sum(1), alpha=sign)
     # Two fresh [S, T] tensors (a custom op's outputs may not share storage).
     return tuple(sums.new_empty(sums.shape[2], sums.shape[1]).copy_(table.T) for table in sums)
@@ -132,12 +132,12 @@ def ecf_sums_backward(
     t: torch.Tensor,
     grad_cos: torch.Tensor,
     grad_sin: torch.Tensor,
-    uniform_step: float = 0.0,
+    dt: float = 0.0,
     block_elements: int = BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """Gradient of the ECF sums with respect to x, recomputing the projections.
 
-    grad_cos, grad_sin: [S, T], the gradients of C and Z. Returns dx [N, D] in x's dtype:
+    grad_cos, grad_sin: [S, T], the gradients of cos_sums and sin_sums. Returns dx [N, D] in x's dtype:
     dx = dP @ A^T with dP[n, s] = sum_k t_k (cos(t_k P) grad_sin - sin(t_k P) grad_cos)[n, s, k].
     """
     dtype = compute_dtype(x)
@@ -147,7 +147,7 @@ def ecf_sums_backward(
     for rows, cols in _blocks(x.shape[0], A.shape[1], block_elements):
         P = xc[rows] @ A[:, cols]
         grad_proj = torch.zeros_like(P)
-        for k, sign, pair in _grid_values(P, t, uniform_step):
+        for k, sign, pair in _grid_values(P, t, dt):
             grad_proj.addcmul_(pair[0], cos_coef[k, cols], value=sign)
             grad_proj.addcmul_(pair[1], sin_coef[k, cols], value=sign)
         grad_x[rows] += grad_proj @ A[:, cols].T

@@ -31,16 +31,16 @@ def check_config(num_slices: int, t_max: float, n_points: int) -> None:
 
 
 def uniform_spacing(t: torch.Tensor) -> float:
-    """h when the grid t [T] is t_k = k * h (h > 0, up to fp32 rounding), else 0.0.
+    """dt when the grid t [T] is t_k = k * dt (dt > 0, up to fp32 rounding), else 0.0.
 
     Reads t on the host (a device sync when t lives on a GPU)."""
     grid = t.detach().to("cpu", torch.float64)
     if grid.numel() < 2 or grid[0] != 0 or not bool(grid.isfinite().all()):
         return 0.0
-    step = grid[-1].item() / (grid.numel() - 1)
-    uniform = torch.arange(grid.numel(), dtype=torch.float64) * step
+    dt = grid[-1].item() / (grid.numel() - 1)
+    uniform = torch.arange(grid.numel(), dtype=torch.float64) * dt
     tolerance = 8 * torch.finfo(torch.float32).eps * abs(grid[-1].item())
-    return step if step > 0 and (grid - uniform).abs().max().item() <= tolerance else 0.0
+    return dt if dt > 0 and (grid - uniform).abs().max().item() <= tolerance else 0.0
 
 
 def check_embeddings(x: torch.Tensor, min_rows: int = 2) -> None:
@@ -67,12 +67,12 @@ def ecf_sums(
     t: torch.Tensor,
     backend: str = "auto",
     *,
-    uniform_step: float = 0.0,
+    dt: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums over rows of cos and sin of t_k (x @ A), differentiable in x (A and t take none).
 
     x: [N, D] float; A: [D, S]; t: [T]. Returns (cos_sums, sin_sums), [S, T] each, fp32 (fp64
-    for fp64 x). uniform_step > 0 promises t_k = k * uniform_step (the CPU and Triton kernels
+    for fp64 x). dt > 0 promises t_k = k * dt (the CPU and Triton kernels
     then replace the trig calls by a recurrence); the default 0 makes no promise. `backend`:
     "auto" or a name of the backend table (see `backends.choose`).
     """
@@ -89,16 +89,16 @@ def ecf_sums(
         raise ValueError(f"t must be 1-D [T], got shape {tuple(t.shape)}")
     if t.numel() < 1:
         raise ValueError("t must hold at least one point, got an empty grid")
-    if isinstance(uniform_step, bool) or not isinstance(uniform_step, (int, float)):
-        raise TypeError(f"uniform_step must be a number, got {type(uniform_step).__name__}")
-    if not (math.isfinite(uniform_step) and uniform_step >= 0):
-        raise ValueError(f"uniform_step must be finite and >= 0 (0: any grid), got {uniform_step}")
+    if isinstance(dt, bool) or not isinstance(dt, (int, float)):
+        raise TypeError(f"dt must be a number, got {type(dt).__name__}")
+    if not (math.isfinite(dt) and dt >= 0):
+        raise ValueError(f"dt must be finite and >= 0 (0: any grid), got {dt}")
     if A.requires_grad or t.requires_grad:
         raise ValueError("ecf_sums gives no gradient for A or t; detach them")
     if not (x.device == A.device == t.device):
         raise ValueError(f"x, A and t must be on one device, got {x.device}, {A.device}, {t.device}")
-    backend = choose(backend, x, t.numel(), uniform_step)
-    return ops.ecf_sums(x, A, t, backend, float(uniform_step))
+    backend = choose(backend, x, t.numel(), dt)
+    return ops.ecf_sums(x, A, t, backend, float(dt))
 
 
 def epps_pulley_from_sums(
@@ -121,7 +121,7 @@ def sliced_epps_pulley_on_grid(
     phi: torch.Tensor,
     weights: torch.Tensor,
     backend: str = "auto",
-    uniform_step: float = 0.0,
+    dt: float = 0.0,
     *,
     process_group: Optional[dist.ProcessGroup] = None,
     distributed: bool = True,
@@ -136,7 +136,7 @@ def sliced_epps_pulley_on_grid(
     reduce = distributed and is_distributed()
     check_embeddings(x, min_rows=1 if reduce else 2)
     A = ops.directions(step, x.shape[1], num_slices, x.device)
-    cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend, uniform_step=uniform_step)
+    cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend, dt=dt)
     n = cos_sums.new_full((), x.shape[0])
     if reduce:
         cos_sums, sin_sums, n = all_reduce_sums(cos_sums, sin_sums, n, process_group)
@@ -181,7 +181,7 @@ def sliced_epps_pulley(
     check_group(process_group)
     step = _step_tensor(step)
     t, phi, weights = quadrature(t_max, n_points)
-    uniform_step = t_max / (n_points - 1)
+    dt = t_max / (n_points - 1)
     return sliced_epps_pulley_on_grid(
         x,
         step,
@@ -190,7 +190,7 @@ def sliced_epps_pulley(
         phi,
         weights,
         backend,
-        uniform_step,
+        dt,
         process_group=process_group,
         distributed=distributed,
     )

@@ -93,15 +93,15 @@ class FusedSlicedEppsPulley(nn.Module):
     def _resync_grid(self) -> None:
         """Read the grid spacing off `ep.t` (waits for the device once): the kernels' trig
         recurrence for a uniform grid from 0, direct trig for any other."""
-        self.uniform_step = uniform_spacing(self.ep.t)
+        self.dt = uniform_spacing(self.ep.t)
         self._grid_version = self.ep.t._version
 
     def _grid_spacing(self) -> float:
-        """`uniform_step` for `ep.t` as it is now: eager calls notice an in-place edit of the
+        """`dt` for `ep.t` as it is now: eager calls notice an in-place edit of the
         grid (its version counter moves); compiled ones rely on `load_state_dict`."""
         if not torch.compiler.is_compiling() and self.ep.t._version != self._grid_version:
             self._resync_grid()
-        return self.uniform_step
+        return self.dt
 
     def resync_step(self) -> None:
         """Copy `global_step` to its host-side copy (waits for the device once); the next call

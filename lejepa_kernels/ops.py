@@ -3,12 +3,12 @@
 - `lejepa_kernels::directions(step, dim, num_slices, device)`: the seed's random unit directions
   for a step. Sampling inside an op keeps the generator (and reading the step) out of compiled
   graphs, and the directions are a fresh tensor of the forward, never an alias of the step.
-- `lejepa_kernels::ecf_sums(x, A, t, backend, uniform_step)`: the cos/sin sums over rows,
+- `lejepa_kernels::ecf_sums(x, A, t, backend, dt)`: the cos/sin sums over rows,
   [S, T] each, with a backward that recomputes the projections (`ecf_sums_backward`).
 
 `backend` names the entry of the backend table (`backends.TABLE`) that computes the call, as
 `backends.choose` decided it: "torch" (the memory-bounded PyTorch path), "cpu" (the native CPU
-kernel) or "triton" (the fused kernels). `uniform_step` > 0 declares t_k = k * uniform_step,
+kernel) or "triton" (the fused kernels). `dt` > 0 declares t_k = k * dt,
 which lets the kernels use the trig recurrence; 0 means an arbitrary grid.
 """
 
@@ -34,15 +34,15 @@ def _(step: torch.Tensor, dim: int, num_slices: int, device: torch.device) -> to
 
 @torch.library.custom_op("lejepa_kernels::ecf_sums", mutates_args=())
 def ecf_sums(
-    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, uniform_step: float
+    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, dt: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos_sums, sin_sums) [S, T] each: sums over rows of cos and sin of t_k (x @ A); fp32,
     fp64 for fp64 x."""
-    return TABLE[backend].ecf_sums(x, A, t, uniform_step)
+    return TABLE[backend].ecf_sums(x, A, t, dt)
 
 
 @ecf_sums.register_fake
-def _(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, uniform_step: float):
+def _(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, dt: float):
     shape = (A.shape[1], t.shape[0])
     dtype = fallback.compute_dtype(x)
     return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
@@ -56,27 +56,27 @@ def ecf_sums_backward(
     grad_cos: torch.Tensor,
     grad_sin: torch.Tensor,
     backend: str,
-    uniform_step: float,
+    dt: float,
 ) -> torch.Tensor:
     """dx [N, D] in x's dtype, from the gradients [S, T] of the cos and sin sums."""
-    return TABLE[backend].ecf_sums_backward(x, A, t, grad_cos, grad_sin, uniform_step)
+    return TABLE[backend].ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt)
 
 
 @ecf_sums_backward.register_fake
-def _(x, A, t, grad_cos, grad_sin, backend, uniform_step):
+def _(x, A, t, grad_cos, grad_sin, backend, dt):
     return x.new_empty(x.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, A, t, backend, uniform_step = inputs
+    x, A, t, backend, dt = inputs
     ctx.save_for_backward(x, A, t)
     ctx.backend = backend
-    ctx.uniform_step = uniform_step
+    ctx.dt = dt
 
 
 def _backward(ctx, grad_cos: torch.Tensor, grad_sin: torch.Tensor):
     x, A, t = ctx.saved_tensors
-    grad_x = ecf_sums_backward(x, A, t, grad_cos, grad_sin, ctx.backend, ctx.uniform_step)
+    grad_x = ecf_sums_backward(x, A, t, grad_cos, grad_sin, ctx.backend, ctx.dt)
     return grad_x, None, None, None, None
 
 

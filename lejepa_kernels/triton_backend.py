@@ -28,7 +28,7 @@ def unavailable() -> str | None:
     return None
 
 
-def unsupported(x: torch.Tensor, n_points: int, uniform_step: float) -> str | None:
+def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
     """Why the kernels do not take this call, or None: they take fp32, bf16 and fp16 CUDA
     tensors (CPU tensors in Triton's interpreter), on any grid."""
     if x.dtype not in KERNEL_DTYPES:
@@ -42,12 +42,12 @@ def unsupported(x: torch.Tensor, n_points: int, uniform_step: float) -> str | No
 
 
 def ecf_sums(
-    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, uniform_step: float
+    x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, dt: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(cos_sums, sin_sums) [S, T] fp32 from x [N, D], A [D, S] and t [T]: `kernels.ecf_forward`."""
     from .kernels import ecf_forward
 
-    return ecf_forward(x, A, t, uniform_step)
+    return ecf_forward(x, A, t, dt)
 
 
 def ecf_sums_backward(
@@ -56,9 +56,9 @@ def ecf_sums_backward(
     t: torch.Tensor,
     grad_cos: torch.Tensor,
     grad_sin: torch.Tensor,
-    uniform_step: float,
+    dt: float,
 ) -> torch.Tensor:
     """dx [N, D] in x's dtype from the [S, T] gradients of the sums: `kernels.ecf_backward`."""
     from .kernels import ecf_backward
 
-    return ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step)
+    return ecf_backward(x, A, t, grad_cos, grad_sin, dt)

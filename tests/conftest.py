@@ -40,9 +40,9 @@ def embeddings(N, D, dtype=torch.float64, seed=0, scale=1.0):
     return (scale * torch.randn(N, D, generator=g, dtype=torch.float64)).to(dtype)
 
 
-def uniform_grid(n_points, step):
-    """The grid t_k = k * step, [n_points] fp32."""
-    return torch.arange(n_points, dtype=torch.float32) * step
+def uniform_grid(n_points, dt):
+    """The grid t_k = k * dt, [n_points] fp32."""
+    return torch.arange(n_points, dtype=torch.float32) * dt
 
 
 def loss_and_grad(module, x):

@@ -28,10 +28,10 @@ def test_ecf_sums_bad_tensors(x, A, error, match):
         ecf_sums(x, A, T)
 
 
-@pytest.mark.parametrize("uniform_step", [math.nan, math.inf, -0.5, "0.75", True])
-def test_ecf_sums_bad_uniform_step(uniform_step):
-    with pytest.raises((ValueError, TypeError), match="uniform_step"):
-        ecf_sums(torch.randn(5, 4), torch.randn(4, 8), T, uniform_step=uniform_step)
+@pytest.mark.parametrize("dt", [math.nan, math.inf, -0.5, "0.75", True])
+def test_ecf_sums_bad_uniform_step(dt):
+    with pytest.raises((ValueError, TypeError), match="dt"):
+        ecf_sums(torch.randn(5, 4), torch.randn(4, 8), T, dt=dt)
 
 
 def test_ecf_sums_bad_grid():

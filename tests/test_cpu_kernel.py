@@ -67,15 +67,15 @@ def test_any_blocks_and_threads_give_the_sums_and_gradient(threads, block_elemen
     N, D, S, T = 533, 20, 71, 17
     x = embeddings(N, D, seed=1)
     A = random_directions(D, S, 3)
-    step = 3.0 / (T - 1)
-    t = torch.arange(T) * step
+    dt = 3.0 / (T - 1)
+    t = torch.arange(T) * dt
     grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(2))
     want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
-    cos_sums, sin_sums = cpu_backend.ecf_sums(x.float(), A, uniform_grid(T, step), step, block_elements)
+    cos_sums, sin_sums = cpu_backend.ecf_sums(x.float(), A, uniform_grid(T, dt), dt, block_elements)
     assert cos_sums.dtype == torch.float32 and cos_sums.shape == (S, T)
     torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=3e-6 * N)
     torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=3e-6 * N)
-    grad_x = cpu_backend.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, step, block_elements)
+    grad_x = cpu_backend.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, dt, block_elements)
     assert grad_x.dtype == torch.float32 and grad_x.shape == (N, D)
     torch.testing.assert_close(grad_x.double(), want_grad, rtol=0, atol=2e-5 * want_grad.abs().max())
 
@@ -86,14 +86,14 @@ def test_grid_lengths_against_fp64_trig(T, bound):
     N, D, S = 256, 16, 40
     x = embeddings(N, D, seed=2) * 2.0
     A = random_directions(D, S, 0)
-    step = 3.0 / (T - 1)
-    t = torch.arange(T) * step
+    dt = 3.0 / (T - 1)
+    t = torch.arange(T) * dt
     grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(3))
     want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
-    cos_sums, sin_sums = ecf_sums(x.float(), A, t, "cpu", uniform_step=step)
+    cos_sums, sin_sums = ecf_sums(x.float(), A, t, "cpu", dt=dt)
     assert (cos_sums.double() - want_cos).abs().max() / N < bound
     assert (sin_sums.double() - want_sin).abs().max() / N < bound
-    grad_x = cpu_backend.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, step)
+    grad_x = cpu_backend.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, dt)
     assert (grad_x.double() - want_grad).abs().max() / want_grad.abs().max() < 10 * bound
 
 
@@ -108,14 +108,14 @@ def test_large_angles(scale, t_max, T, tol):
     N, D, S = 40, 8, 37
     x = embeddings(N, D, torch.float32, seed=4, scale=scale)
     A = random_directions(D, S, 2)
-    step = t_max / (T - 1)
-    t = torch.arange(T) * step
+    dt = t_max / (T - 1)
+    t = torch.arange(T) * dt
     grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(5))
     want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
-    cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, step), step)
+    cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, dt), dt)
     torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=tol * N)
     torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=tol * N)
-    grad_x = cpu_backend.ecf_sums_backward(x, A, t, grad_cos, grad_sin, step)
+    grad_x = cpu_backend.ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt)
     torch.testing.assert_close(grad_x.double(), want_grad, rtol=0, atol=tol * want_grad.abs().max())
 
 
@@ -132,11 +132,11 @@ def test_calls_the_kernel_does_not_take():
         (x.float() * 0.3, torch.arange(long_grid) * (3.0 / (long_grid - 1)), 3.0 / (long_grid - 1), 3e-6,
          f"at most {cpu_library.MAX_POINTS} points"),
     ]
-    for x_in, t, step, tol, reason in cases:
+    for x_in, t, dt, tol, reason in cases:
         with pytest.raises(ValueError, match=reason):
-            ecf_sums(x_in, A, t, "cpu", uniform_step=step)
-        assert choose("auto", x_in, t.numel(), step) == "torch"
-        cos_sums, sin_sums = ecf_sums(x_in, A, t, "auto", uniform_step=step)
+            ecf_sums(x_in, A, t, "cpu", dt=dt)
+        assert choose("auto", x_in, t.numel(), dt) == "torch"
+        cos_sums, sin_sums = ecf_sums(x_in, A, t, "auto", dt=dt)
         angles = (x_in.double() @ A.double()).unsqueeze(-1) * t.double()
         torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=tol * N)
         torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
@@ -166,10 +166,10 @@ def test_one_worker_pool_whatever_the_thread_counts():
 def test_concurrent_calls_while_the_thread_count_changes():
     """Python threads calling the kernel at once while torch's thread count rises between calls
     (each rise grows the worker pool under the others' feet): every result matches fp64."""
-    N, D, S, T, step = 29, 6, 16 * 24 + 5, 7, 0.5
+    N, D, S, T, dt = 29, 6, 16 * 24 + 5, 7, 0.5
     x = embeddings(N, D, torch.float32, seed=3)
     A = random_directions(D, S, 4)
-    angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange(T) * step).double()
+    angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange(T) * dt).double()
     want_cos, want_sin = angles.cos().sum(0), angles.sin().sum(0)
     before, switch_interval = torch.get_num_threads(), sys.getswitchinterval()
     failures, start = [], threading.Barrier(4)
@@ -179,7 +179,7 @@ def test_concurrent_calls_while_the_thread_count_changes():
         for n_threads in range(2, 25):
             try:
                 torch.set_num_threads(n_threads + index % 2)
-                cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, step), step)
+                cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, dt), dt)
                 torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=3e-6 * N)
                 torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=3e-6 * N)
             except Exception as error:  # noqa: BLE001 (reported by the test's thread)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not has_c_compiler(), reason="no C compiler here
 
 OTHER_UID = 65534
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
-N, D, S, T, STEP = 37, 5, 23, 9, 0.375
+N, D, S, T, DT = 37, 5, 23, 9, 0.375
 
 
 def checksum_line(data: bytes) -> str:
@@ -76,8 +76,8 @@ def assert_sums_match_fp64():
     """The kernel's sums for a small odd shape agree with fp64 cos and sin."""
     x = embeddings(N, D, torch.float32, seed=7)
     A = random_directions(D, S, 5)
-    cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, STEP), STEP)
-    angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange(T) * STEP).double()
+    cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, DT), DT)
+    angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange(T) * DT).double()
     torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=3e-6 * N)
     torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=3e-6 * N)
 
@@ -230,11 +230,11 @@ def test_damaged_library_is_rebuilt(tmp_path, built):
         from lejepa_kernels import cpu_backend, cpu_library
         x = torch.randn({N}, {D}, generator=torch.Generator().manual_seed(0))
         A = torch.randn({D}, {S}, generator=torch.Generator().manual_seed(1))
-        angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange({T}) * {STEP}).double()
+        angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange({T}) * {DT}).double()
         for cache in sys.argv[1:]:
             os.environ[cpu_library.CACHE_ENV] = cache
             cpu_library.library.cache_clear()
-            cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, torch.arange({T}) * {STEP}, {STEP})
+            cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, torch.arange({T}) * {DT}, {DT})
             torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol={3e-6 * N})
             torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol={3e-6 * N})
             print(cache, "ok", flush=True)
@@ -280,8 +280,8 @@ def test_concurrent_builders_share_one_library(tmp_path, built):
         from lejepa_kernels import cpu_backend, cpu_library
         x = torch.randn({N}, {D}, generator=torch.Generator().manual_seed(0))
         A = torch.randn({D}, {S}, generator=torch.Generator().manual_seed(1))
-        angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange({T}) * {STEP}).double()
-        cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, torch.arange({T}) * {STEP}, {STEP})
+        angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange({T}) * {DT}).double()
+        cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, torch.arange({T}) * {DT}, {DT})
         torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol={3e-6 * N})
         torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol={3e-6 * N})
         """

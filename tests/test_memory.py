@@ -61,9 +61,9 @@ def test_kernels_allocate_only_bounded_blocks():
     A = random_directions(D, S, 0)
     t = quadrature(3.0, T)[0]
     with LargestAllocation() as probe:
-        for uniform_step in (0.0, 3.0 / (T - 1)):
-            cos_sums, sin_sums = fallback.ecf_sums(x, A, t, uniform_step, block)
-            fallback.ecf_sums_backward(x, A, t, cos_sums, sin_sums, uniform_step, block)
+        for dt in (0.0, 3.0 / (T - 1)):
+            cos_sums, sin_sums = fallback.ecf_sums(x, A, t, dt, block)
+            fallback.ecf_sums_backward(x, A, t, cos_sums, sin_sums, dt, block)
     assert probe.largest <= max(2 * block, N * D, D * S, 2 * T * S)
     assert probe.largest < N * S
 
@@ -75,10 +75,10 @@ def test_cpu_kernel_allocates_only_bounded_blocks():
     x = torch.randn(N, D)
     A = random_directions(D, S, 0)
     t = quadrature(3.0, T)[0]
-    step = 3.0 / (T - 1)
+    dt = 3.0 / (T - 1)
     with LargestAllocation() as probe:
-        cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, step), step, block)
-        cpu_backend.ecf_sums_backward(x, A, t, cos_sums, sin_sums, step, block)
+        cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, dt), dt, block)
+        cpu_backend.ecf_sums_backward(x, A, t, cos_sums, sin_sums, dt, block)
     assert probe.largest <= max(block, N * D, D * S, 2 * T * S)
     assert probe.largest < N * S
 

@@ -52,20 +52,20 @@ def test_functional_matches_module():
 
 
 @pytest.mark.parametrize("block_elements", [1, 7, 40, 1 << 20])
-@pytest.mark.parametrize("dtype, uniform_step, tol", [(torch.float64, 0.0, 1e-12), (torch.float32, 3.0 / 16, 2e-5)])
-def test_blocks_and_recurrence_give_the_sums_and_gradient(block_elements, dtype, uniform_step, tol):
+@pytest.mark.parametrize("dtype, dt, tol", [(torch.float64, 0.0, 1e-12), (torch.float32, 3.0 / 16, 2e-5)])
+def test_blocks_and_recurrence_give_the_sums_and_gradient(block_elements, dtype, dt, tol):
     """Any block size; fp32 on the uniform grid takes the Chebyshev recurrence (fp64 never)."""
     N, D, S = 37, 24, 19
     x = embeddings(N, D)
     A = random_directions(D, S, 3).double()
     t = torch.arange(17, dtype=torch.float64) * (3.0 / 16)
     angles = (x @ A).unsqueeze(-1) * t
-    cos_sums, sin_sums = fallback.ecf_sums(x.to(dtype), A, t, uniform_step, block_elements)
+    cos_sums, sin_sums = fallback.ecf_sums(x.to(dtype), A, t, dt, block_elements)
     assert cos_sums.dtype == dtype and cos_sums.shape == (S, 17)
     torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=tol * N)
     torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
     grad_cos, grad_sin = torch.randn(2, S, 17, dtype=torch.float64)
-    grad_x = fallback.ecf_sums_backward(x.to(dtype), A, t, grad_cos, grad_sin, uniform_step, block_elements)
+    grad_x = fallback.ecf_sums_backward(x.to(dtype), A, t, grad_cos, grad_sin, dt, block_elements)
     xr = x.clone().requires_grad_()
     angles = (xr @ A).unsqueeze(-1) * t
     ((angles.cos() * grad_cos).sum() + (angles.sin() * grad_sin).sum()).backward()

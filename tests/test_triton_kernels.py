@@ -67,7 +67,7 @@ def test_single_row_sums_and_gradient(dtype):
     grad_cos, grad_sin = torch.randn(2, 19, 17, dtype=torch.float64, device=DEVICE)
     ((want_cos * grad_cos).sum() + (want_sin * grad_sin).sum()).backward()
     xk = x.clone().requires_grad_()
-    cos_sums, sin_sums = ecf_sums(xk, A, t, "triton", uniform_step=3.0 / 16)
+    cos_sums, sin_sums = ecf_sums(xk, A, t, "triton", dt=3.0 / 16)
     ((cos_sums * grad_cos).sum() + (sin_sums * grad_sin).sum()).backward()
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
     assert (cos_sums - want_cos).abs().max() < tol and (sin_sums - want_sin).abs().max() < tol
@@ -157,18 +157,18 @@ def test_recurrence_as_accurate_as_direct_trig(T):
     want_dx = fallback.ecf_sums_backward(x.double(), A.double(), t.double(),
                                          grad_cos.double(), grad_sin.double())
 
-    def errors(uniform_step):
-        sums = ecf_forward(x, A, t, uniform_step)
-        dx = ecf_backward(x, A, t, grad_cos, grad_sin, uniform_step)
+    def errors(dt):
+        sums = ecf_forward(x, A, t, dt)
+        dx = ecf_backward(x, A, t, grad_cos, grad_sin, dt)
         sum_error = max((got.double() - ref).abs().max().item() for got, ref in zip(sums, want))
         return sum_error / N, (dx.double() - want_dx).abs().max().item() / want_dx.abs().max().item()
 
     assert P.abs().max() * 3.0 > 8  # angles up to 3 |P|: more than a turn
     # Within the bounds direct trig meets (run up to 129 points: in the interpreter its cost
     # grows with T, its error does not): mean error per row of the sums, relative error of dx.
-    for uniform_step in (3.0 / (T - 1), 0.0) if T <= 129 else (3.0 / (T - 1),):
-        sum_error, grad_error = errors(uniform_step)
-        assert sum_error < 3e-7 and grad_error < 1.5e-6, (uniform_step, sum_error, grad_error)
+    for dt in (3.0 / (T - 1), 0.0) if T <= 129 else (3.0 / (T - 1),):
+        sum_error, grad_error = errors(dt)
+        assert sum_error < 3e-7 and grad_error < 1.5e-6, (dt, sum_error, grad_error)
 
 
 @triton.jit

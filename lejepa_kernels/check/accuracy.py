@@ -138,8 +138,8 @@ def small_cases(backend: str, device: str, quick: bool = False) -> list[Case]:
 def _takes_on_cpu(backend: str, case: Case) -> bool:
     """Whether the backend takes the case on CPU tensors (the native kernel: uniform grids)."""
     probe = torch.empty(0, case.d, dtype=case.dtype)
-    uniform_step = 1.0 if case.grid == "uniform" else 0.0
-    return TABLE[backend].unsupported(probe, case.t, uniform_step) is None
+    dt = 1.0 if case.grid == "uniform" else 0.0
+    return TABLE[backend].unsupported(probe, case.t, dt) is None
 
 
 CUDA_LARGE_CASES = [
@@ -176,7 +176,8 @@ def sum_tolerance(length: int, dtype: torch.dtype) -> float:
 
 
 def sums_tolerances(case: Case) -> tuple[float, float]:
-    """(forward, gradient) bounds of a sums check: max |C - C*| / N and max |dx - dx*| / max |dx*|."""
+    """(forward, gradient) bounds of a sums check: max |cos_sums - exact| / N (sin_sums alike) and
+    max |dx - dx*| / max |dx*|."""
     trig = trig_tolerance(case.t, case.dtype)
     forward = trig + sum_tolerance(case.n, case.dtype)
     gradient = trig + sum_tolerance(case.s, case.dtype) + 4 * unit_roundoff(case.dtype)
@@ -224,7 +225,7 @@ def exact_directions(dim: int, num_slices: int, device: torch.device) -> torch.T
 
 
 def grid(case: Case, device: torch.device) -> tuple[torch.Tensor, float]:
-    """(t [T] fp32, uniform_step): the seed's grid, or a non-uniform one (uniform_step 0)."""
+    """(t [T] fp32, dt): the seed's grid, or a non-uniform one (dt 0)."""
     if case.grid == "uniform":
         return quadrature(T_MAX, case.t)[0].to(device), T_MAX / (case.t - 1)
     return (T_MAX * torch.linspace(0, 1, case.t, dtype=FP64) ** 1.5).float().to(device), 0.0
@@ -238,13 +239,13 @@ def oracle_sums(
     grad_sin: torch.Tensor,
     max_angles: int = 1 << 25,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(C, Z) [S, T] and dx [N, D] in fp64 for x [N, D], A [D, S], t [T], seeds [S, T]:
-    dx = dP @ A^T with dP[n, s] = sum_k t_k (cos(t_k P) dL/dZ - sin(t_k P) dL/dC)[s, k].
+    """(cos_sums, sin_sums) [S, T] and dx [N, D] in fp64 for x [N, D], A [D, S], t [T], seeds [S, T]:
+    dx = dP @ A^T with dP[n, s] = sum_k t_k (cos(t_k P) grad_sin - sin(t_k P) grad_cos)[s, k].
     Computed over blocks of slices of at most max_angles angles."""
     x, t = x.double(), t.double()
     n_rows, n_slices, n_points = x.shape[0], A.shape[1], t.numel()
-    C = torch.empty(n_slices, n_points, dtype=FP64, device=x.device)
-    Z = torch.empty_like(C)
+    cos_sums = torch.empty(n_slices, n_points, dtype=FP64, device=x.device)
+    sin_sums = torch.empty_like(cos_sums)
     dx = torch.zeros(x.shape, dtype=FP64, device=x.device)
     width = max(1, max_angles // (n_rows * n_points))
     for s0 in range(0, n_slices, width):
@@ -252,10 +253,10 @@ def oracle_sums(
         A_blk = A[:, cols].double()
         angles = (x @ A_blk).unsqueeze(-1) * t
         cos, sin = angles.cos(), angles.sin_()
-        C[cols], Z[cols] = cos.sum(0), sin.sum(0)
+        cos_sums[cols], sin_sums[cols] = cos.sum(0), sin.sum(0)
         dP = (cos * (t * grad_sin[cols].double())).sub_(sin * (t * grad_cos[cols].double())).sum(-1)
         dx += dP @ A_blk.T
-    return C, Z, dx
+    return cos_sums, sin_sums, dx
 
 
 def _synchronize(device: torch.device) -> None:
@@ -271,7 +272,7 @@ def run_sums(case: Case, backend: str, device: torch.device) -> dict[str, Any]:
     """The ECF sums and their gradient against fp64: errors, bounds and determinism."""
     x = make_embeddings(case, device)
     A = exact_directions(case.d, case.s, device)
-    t, uniform_step = grid(case, device)
+    t, dt = grid(case, device)
     cols = sample_columns(case.s).to(device) if case.compares_sample else None
     g = _generator(case, device)
     seeds = torch.randn(2, case.s, case.t, generator=g, device=device)
@@ -283,22 +284,23 @@ def run_sums(case: Case, backend: str, device: torch.device) -> dict[str, Any]:
 
     def call():
         xr = x.detach().requires_grad_()
-        C, Z = ecf_sums(xr, A, t, backend, uniform_step=uniform_step)
-        torch.autograd.backward((C, Z), (grad_cos, grad_sin))
-        return C.detach(), Z.detach(), xr.grad
+        cos_sums, sin_sums = ecf_sums(xr, A, t, backend, dt=dt)
+        torch.autograd.backward((cos_sums, sin_sums), (grad_cos, grad_sin))
+        return cos_sums.detach(), sin_sums.detach(), xr.grad
 
     first = call()
     second = call()
     _synchronize(device)
     deterministic = all(torch.equal(a, b) for a, b in zip(first, second))
     del second
-    C, Z, dx = first
+    cos_sums, sin_sums, dx = first
     if cols is not None:
-        C, Z, A_cmp, grad_cos, grad_sin = C[cols], Z[cols], A[:, cols], grad_cos[cols], grad_sin[cols]
+        cos_sums, sin_sums = cos_sums[cols], sin_sums[cols]
+        A_cmp, grad_cos, grad_sin = A[:, cols], grad_cos[cols], grad_sin[cols]
     else:
         A_cmp = A
-    C_true, Z_true, dx_true = oracle_sums(x, A_cmp, t, grad_cos, grad_sin)
-    forward_error = max(_max_abs(C.double() - C_true), _max_abs(Z.double() - Z_true)) / case.n
+    cos_true, sin_true, dx_true = oracle_sums(x, A_cmp, t, grad_cos, grad_sin)
+    forward_error = max(_max_abs(cos_sums.double() - cos_true), _max_abs(sin_sums.double() - sin_true)) / case.n
     gradient_error = _max_abs(dx.double() - dx_true) / max(_max_abs(dx_true), 1e-300)
     forward_tol, gradient_tol = sums_tolerances(case)
     return dict(

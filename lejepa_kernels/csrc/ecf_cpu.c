@@ -1,7 +1,7 @@
 /* The native CPU kernels of lejepa_kernels: ECF sums and their gradient for one block of
- * projections on a uniform grid t_k = k * h, k = 0 .. n_points - 1.
+ * projections on a uniform grid t_k = k * dt, k = 0 .. n_points - 1.
  *
- * Input is a block P [rows, ld] of projections (fp32, row-major). With u = h P, cos(u) and
+ * Input is a block P [rows, ld] of projections (fp32, row-major). With u = dt P, cos(u) and
  * sin(u) come from one vector sincos, then cos(k u) and sin(k u) from the Chebyshev recurrence
  * f_{k+1} = 2 cos(u) f_k - f_{k-1}, VEC columns at a time in vector registers; nothing of size
  * [rows, cols, n_points] exists. The recurrence's error grows about as k^2, so it restarts from
@@ -80,22 +80,22 @@ typedef struct {
     vfloat c, s, c_prev, s_prev, two_cos;
 } harmonics;
 
-/* k = 1, for u = step * (the `width` projections at p). */
-static inline harmonics harmonics_start(const float *p, float step, int64_t width) {
+/* k = 1, for u = dt * (the `width` projections at p). */
+static inline harmonics harmonics_start(const float *p, float dt, int64_t width) {
     harmonics h = {.s_prev = {0}};
-    sincos_vec(load(p, width) * step, &h.c, &h.s);
+    sincos_vec(load(p, width) * dt, &h.c, &h.s);
     h.c_prev = (vfloat){0} + 1.0f;
     h.two_cos = h.c + h.c;
     return h;
 }
 
 /* k - 1 -> k (k >= 2): f_k = 2 cos(u) f_{k-1} - f_{k-2}, for cos and sin alike, or a direct
- * sincos of k u and (k - 1) u every RESTART_INTERVAL points (p, step, width: as at the start). */
-static inline void harmonics_next(harmonics *h, int64_t k, const float *p, float step, int64_t width) {
+ * sincos of k u and (k - 1) u every RESTART_INTERVAL points (p, dt, width: as at the start). */
+static inline void harmonics_next(harmonics *h, int64_t k, const float *p, float dt, int64_t width) {
     if (k % RESTART_INTERVAL == 1) {
         vfloat P = load(p, width);
-        sincos_vec(P * (step * (float)k), &h->c, &h->s);
-        sincos_vec(P * (step * (float)(k - 1)), &h->c_prev, &h->s_prev);
+        sincos_vec(P * (dt * (float)k), &h->c, &h->s);
+        sincos_vec(P * (dt * (float)(k - 1)), &h->c_prev, &h->s_prev);
         return;
     }
     vfloat c_next = h->two_cos * h->c - h->c_prev, s_next = h->two_cos * h->s - h->s_prev;
@@ -108,10 +108,10 @@ static inline void harmonics_next(harmonics *h, int64_t k, const float *p, float
 int ecf_max_points(void) { return MAX_POINTS; }
 
 /* Adds, for k = 0 .. n_points - 1 and the columns j of [col_begin, col_end),
- *   cos_sums[k * ld_sums + j] += sum_rows cos(k step P[row, j]),
- *   sin_sums[k * ld_sums + j] += sum_rows sin(k step P[row, j]).
+ *   cos_sums[k * ld_sums + j] += sum_rows cos(k dt P[row, j]),
+ *   sin_sums[k * ld_sums + j] += sum_rows sin(k dt P[row, j]).
  * P: [rows, ld] fp32. cos_sums, sin_sums: fp64, n_points rows of ld_sums. */
-int ecf_forward_block(const float *restrict P, int64_t rows, int64_t ld, float step,
+int ecf_forward_block(const float *restrict P, int64_t rows, int64_t ld, float dt,
                       int64_t col_begin, int64_t col_end, int64_t n_points,
                       double *restrict cos_sums, double *restrict sin_sums, int64_t ld_sums) {
     if (n_points < 1 || n_points > MAX_POINTS) return -1;
@@ -123,9 +123,9 @@ int ecf_forward_block(const float *restrict P, int64_t rows, int64_t ld, float s
             for (int64_t k = 1; k < n_points; k++) acc_cos[k] = acc_sin[k] = (vfloat){0};
             for (int64_t i = row0; i < row1; i++) {
                 const float *p = P + i * ld + j;
-                harmonics h = harmonics_start(p, step, width);
+                harmonics h = harmonics_start(p, dt, width);
                 for (int64_t k = 1; k < n_points; k++) {
-                    if (k > 1) harmonics_next(&h, k, p, step, width);
+                    if (k > 1) harmonics_next(&h, k, p, dt, width);
                     acc_cos[k] += h.c;
                     acc_sin[k] += h.s;
                 }
@@ -142,10 +142,10 @@ int ecf_forward_block(const float *restrict P, int64_t rows, int64_t ld, float s
 }
 
 /* For the columns j of [col_begin, col_end) and every row i, overwrites P with
- *   P[i * ld + j] = sum_k cos_coef[k * ld_coef + j] cos(k step P[i, j])
- *                       + sin_coef[k * ld_coef + j] sin(k step P[i, j]).
+ *   P[i * ld + j] = sum_k cos_coef[k * ld_coef + j] cos(k dt P[i, j])
+ *                       + sin_coef[k * ld_coef + j] sin(k dt P[i, j]).
  * P: [rows, ld] fp32. cos_coef, sin_coef: fp32, n_points rows of ld_coef. */
-int ecf_backward_block(float *P, int64_t rows, int64_t ld, float step, int64_t col_begin,
+int ecf_backward_block(float *P, int64_t rows, int64_t ld, float dt, int64_t col_begin,
                        int64_t col_end, int64_t n_points, const float *restrict cos_coef,
                        const float *restrict sin_coef, int64_t ld_coef) {
     if (n_points < 1 || n_points > MAX_POINTS) return -1;
@@ -158,10 +158,10 @@ int ecf_backward_block(float *P, int64_t rows, int64_t ld, float step, int64_t c
         }
         for (int64_t i = 0; i < rows; i++) {
             float *p = P + i * ld + j;
-            harmonics h = harmonics_start(p, step, width);
+            harmonics h = harmonics_start(p, dt, width);
             vfloat g = a[0];
             for (int64_t k = 1; k < n_points; k++) {
-                if (k > 1) harmonics_next(&h, k, p, step, width);
+                if (k > 1) harmonics_next(&h, k, p, dt, width);
                 g += a[k] * h.c + b[k] * h.s;
             }
             store(P + i * ld + j, g, width);

@@ -126,13 +126,13 @@ def ecf_backward(
     t: torch.Tensor,
     grad_cos: torch.Tensor,
     grad_sin: torch.Tensor,
-    uniform_step: float,
+    dt: float,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
     """dx [N, D] in x's dtype from the gradients grad_cos, grad_sin [S, T] of the ECF sums.
 
     x: [N, D] fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes:
-    see `kernel_operands`); uniform_step as in `ecf_forward`; config defaults to
+    see `kernel_operands`); dt as in `ecf_forward`; config defaults to
     BACKWARD_CONFIGS[x.dtype].
     """
     x, A, t = kernel_operands(x, A, t)
@@ -152,9 +152,9 @@ def ecf_backward(
         with launch_scope(x.device):
             ecf_backward_kernel[grid](
                 x, directions, t, coef, dp_t, N, D, S, start, x.stride(0),
-                float(uniform_step),
+                float(dt),
                 T=T,
-                UNIFORM=uniform_step > 0,
+                UNIFORM=dt > 0,
                 BLOCK_N=config.block_n,
                 BLOCK_S=config.block_s,
                 BLOCK_D=config.block_d,

@@ -101,13 +101,13 @@ def ecf_forward(
     x: torch.Tensor,
     A: torch.Tensor,
     t: torch.Tensor,
-    uniform_step: float,
+    dt: float,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, Z) [S, T] fp32: sums over rows of cos and sin of t_k (x @ A).
+    """(cos_sums, sin_sums) [S, T] fp32: sums over rows of cos and sin of t_k (x @ A).
 
     x: [N, D] fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes:
-    see `kernel_operands`). uniform_step > 0 declares t_k = k * uniform_step (recurrence); 0
+    see `kernel_operands`). dt > 0 declares t_k = k * dt (recurrence); 0
     means use t directly. config defaults to FORWARD_CONFIGS[x.dtype].
     """
     x, A, t = kernel_operands(x, A, t)
@@ -123,9 +123,9 @@ def ecf_forward(
     with launch_scope(x.device):
         ecf_forward_kernel[(slice_tiles, splits)](
             x, kernel_directions(A, x), t, partials, N, D, S, x.stride(0), rows_per_split,
-            float(uniform_step),
+            float(dt),
             T=T,
-            UNIFORM=uniform_step > 0,
+            UNIFORM=dt > 0,
             BLOCK_N=config.block_n,
             BLOCK_S=config.block_s,
             BLOCK_D=config.block_d,
