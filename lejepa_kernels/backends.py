@@ -22,10 +22,10 @@ from types import ModuleType
 
 import torch
 
-from . import cpu_backend, fallback, triton_backend
+from . import cpu_backend, torch_backend, triton_backend
 from .cpu_library import CpuKernelUnavailable
 
-TABLE: dict[str, ModuleType] = {module.NAME: module for module in (fallback, cpu_backend, triton_backend)}
+TABLE: dict[str, ModuleType] = {module.NAME: module for module in (torch_backend, cpu_backend, triton_backend)}
 """Every backend, by name: "torch" (the PyTorch path), "cpu" (the native C kernel), "triton"."""
 AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 """Preference of "auto" by the embeddings' device type (others: "torch"): the first backend that
@@ -86,7 +86,7 @@ def _auto(x: torch.Tensor, n_points: int, dt: float) -> str:
             return name
         if name == "cpu":
             _warn_once(f"lejepa_kernels: using the slower PyTorch path on the CPU: {reason}")
-    raise AssertionError("the PyTorch backend takes every call")  # fallback.unsupported is None
+    raise AssertionError("the PyTorch backend takes every call")  # torch_backend.unsupported is None
 
 
 @functools.cache

@@ -1,6 +1,6 @@
 """The native CPU backend: the ECF sums and their gradient with a small C kernel.
 
-The block loop is the PyTorch backend's (`fallback.py`): torch forms each [rows x slices] block
+The block loop is the PyTorch backend's (`torch_backend.py`): torch forms each [rows x slices] block
 of projections `P = x_blk @ A_blk`; then `csrc/ecf_cpu.c` (built and loaded by `cpu_library`)
 takes one vector sincos of u = dt P and runs the Chebyshev recurrence over the grid t_k = k dt in
 vector registers, summing over rows (forward) or forming dP in place of P (backward) in one
@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .cpu_library import MAX_POINTS, library, unavailable_reason
-from .fallback import BLOCK_ELEMENTS, grad_proj_coefficients
+from .torch_backend import BLOCK_ELEMENTS, grad_proj_coefficients
 
 NAME = "cpu"
 VECTOR_WIDTH = 16

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fallback
+from . import torch_backend
 from .backends import TABLE
 from .reference import random_directions
 
@@ -44,7 +44,7 @@ def ecf_sums(
 @ecf_sums.register_fake
 def _(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, dt: float):
     shape = (A.shape[1], t.shape[0])
-    dtype = fallback.compute_dtype(x)
+    dtype = torch_backend.compute_dtype(x)
     return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
 
 

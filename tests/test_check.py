@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import has_c_compiler
 
-from lejepa_kernels import cpu_backend, fallback
+from lejepa_kernels import cpu_backend, torch_backend
 from lejepa_kernels.check import accuracy, add_parser, bench, check_plan, interpreter, write_json
 from lejepa_kernels.check.accuracy import CUDA_LARGE_CASES, Case, run_case, sample_columns, sums_tolerances
 
@@ -106,7 +106,7 @@ def _gradient_scaled(function):
 
 
 BROKEN_BACKENDS = [
-    ("torch", fallback),
+    ("torch", torch_backend),
     pytest.param("cpu", cpu_backend, marks=pytest.mark.skipif(not has_c_compiler(), reason="no C compiler here")),
 ]
 

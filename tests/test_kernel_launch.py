@@ -13,7 +13,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from lejepa_kernels import ecf_sums, fallback  # noqa: E402
+from lejepa_kernels import ecf_sums, torch_backend  # noqa: E402
 from lejepa_kernels.kernels import _tiles, config, ecf_backward, ecf_forward  # noqa: E402
 from lejepa_kernels.kernels import backward as backward_module  # noqa: E402
 from lejepa_kernels.kernels import forward as forward_module  # noqa: E402
@@ -30,8 +30,8 @@ def embeddings(rows, features, dtype, seed=0):
 def oracle(x, A, t, grad_cos, grad_sin):
     """(C, Z, dx) in fp64: direct trig on the fp64 inputs."""
     x, A, t = x.double(), A.double(), t.double()
-    cos_sums, sin_sums = fallback.ecf_sums(x, A, t)
-    grad_x = fallback.ecf_sums_backward(x, A, t, grad_cos.double(), grad_sin.double())
+    cos_sums, sin_sums = torch_backend.ecf_sums(x, A, t)
+    grad_x = torch_backend.ecf_sums_backward(x, A, t, grad_cos.double(), grad_sin.double())
     return cos_sums, sin_sums, grad_x
 
 

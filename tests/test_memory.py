@@ -5,7 +5,7 @@ import torch
 from conftest import uniform_grid
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lejepa_kernels import FusedSlicedEppsPulley, cpu_backend, cpu_library, fallback
+from lejepa_kernels import FusedSlicedEppsPulley, cpu_backend, cpu_library, torch_backend
 from lejepa_kernels.reference import SlicedEppsPulley, quadrature, random_directions
 
 N, D, S, T = 160, 24, 1200, 17
@@ -62,8 +62,8 @@ def test_kernels_allocate_only_bounded_blocks():
     t = quadrature(3.0, T)[0]
     with LargestAllocation() as probe:
         for dt in (0.0, 3.0 / (T - 1)):
-            cos_sums, sin_sums = fallback.ecf_sums(x, A, t, dt, block)
-            fallback.ecf_sums_backward(x, A, t, cos_sums, sin_sums, dt, block)
+            cos_sums, sin_sums = torch_backend.ecf_sums(x, A, t, dt, block)
+            torch_backend.ecf_sums_backward(x, A, t, cos_sums, sin_sums, dt, block)
     assert probe.largest <= max(2 * block, N * D, D * S, 2 * T * S)
     assert probe.largest < N * S
 

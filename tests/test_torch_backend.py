@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS, assert_no_worse_than_seed, embeddings, loss_and_grad
 
-from lejepa_kernels import FusedSlicedEppsPulley, ecf_sums, fallback, sliced_epps_pulley
+from lejepa_kernels import FusedSlicedEppsPulley, ecf_sums, sliced_epps_pulley, torch_backend
 from lejepa_kernels.reference import SlicedEppsPulley, quadrature, random_directions
 
 SHAPES = [(37, 24, 19), (2, 3, 1), (300, 96, 257), (129, 7, 64)]
@@ -60,12 +60,12 @@ def test_blocks_and_recurrence_give_the_sums_and_gradient(block_elements, dtype,
     A = random_directions(D, S, 3).double()
     t = torch.arange(17, dtype=torch.float64) * (3.0 / 16)
     angles = (x @ A).unsqueeze(-1) * t
-    cos_sums, sin_sums = fallback.ecf_sums(x.to(dtype), A, t, dt, block_elements)
+    cos_sums, sin_sums = torch_backend.ecf_sums(x.to(dtype), A, t, dt, block_elements)
     assert cos_sums.dtype == dtype and cos_sums.shape == (S, 17)
     torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=tol * N)
     torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
     grad_cos, grad_sin = torch.randn(2, S, 17, dtype=torch.float64)
-    grad_x = fallback.ecf_sums_backward(x.to(dtype), A, t, grad_cos, grad_sin, dt, block_elements)
+    grad_x = torch_backend.ecf_sums_backward(x.to(dtype), A, t, grad_cos, grad_sin, dt, block_elements)
     xr = x.clone().requires_grad_()
     angles = (xr @ A).unsqueeze(-1) * t
     ((angles.cos() * grad_cos).sum() + (angles.sin() * grad_sin).sum()).backward()
@@ -82,8 +82,8 @@ def test_recurrence_error_against_direct_trig(T, bound):
     t = torch.arange(T, dtype=torch.float64) * (3.0 / (T - 1))
     angles = (x @ A).unsqueeze(-1) * t
     truth = angles.cos().sum(0), angles.sin().sum(0)
-    recurrence = fallback.ecf_sums(x.float(), A, t, 3.0 / (T - 1))
-    direct = fallback.ecf_sums(x.float(), A, t)
+    recurrence = torch_backend.ecf_sums(x.float(), A, t, 3.0 / (T - 1))
+    direct = torch_backend.ecf_sums(x.float(), A, t)
     for got_rec, got_dir, want in zip(recurrence, direct, truth):
         assert (got_rec.double() - want).abs().max() / N < bound
         assert (got_dir.double() - want).abs().max() / N < 1e-6

@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from lejepa_kernels import FusedSlicedEppsPulley, ecf_sums, fallback  # noqa: E402
+from lejepa_kernels import FusedSlicedEppsPulley, ecf_sums, torch_backend  # noqa: E402
 from lejepa_kernels.kernels import backward as backward_module  # noqa: E402
 from lejepa_kernels.kernels import ecf_backward, ecf_forward  # noqa: E402
 from lejepa_kernels.kernels import forward as forward_module  # noqa: E402
@@ -128,7 +128,7 @@ def test_bf16_gradient_accumulates_chunks_in_fp32(monkeypatch):
     A = random_directions(D, S, 0, DEVICE)
     t = quadrature(3.0, 17)[0].to(DEVICE)
     grad_cos, grad_sin = torch.randn(2, S, 17, generator=torch.Generator().manual_seed(9)) / S
-    truth = fallback.ecf_sums_backward(x.double(), A.bfloat16().double(), t.double(),
+    truth = torch_backend.ecf_sums_backward(x.double(), A.bfloat16().double(), t.double(),
                                        grad_cos.double(), grad_sin.double())
 
     def grad_x(chunk_slices):
@@ -153,8 +153,8 @@ def test_recurrence_as_accurate_as_direct_trig(T):
     g = torch.Generator().manual_seed(T)
     grad_cos, grad_sin = (torch.randn(2, S, T, generator=g) / T).to(DEVICE)
     P = x.double() @ A.double()
-    want = fallback.ecf_sums(x.double(), A.double(), t.double())
-    want_dx = fallback.ecf_sums_backward(x.double(), A.double(), t.double(),
+    want = torch_backend.ecf_sums(x.double(), A.double(), t.double())
+    want_dx = torch_backend.ecf_sums_backward(x.double(), A.double(), t.double(),
                                          grad_cos.double(), grad_sin.double())
 
     def errors(dt):

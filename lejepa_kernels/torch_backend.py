@@ -1,4 +1,4 @@
-"""Memory-bounded pure-PyTorch ECF sums: runs on any device, no Triton.
+"""The PyTorch backend: memory-bounded ECF sums in plain torch ops, on any device, no Triton.
 
 The projections `P = x @ A` are formed one block of [rows x slices] at a time and turned into
 cos/sin sums at once, so no [N, S, T] (nor [N, S]) tensor ever exists: the extra memory is the
