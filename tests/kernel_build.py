@@ -42,7 +42,7 @@ GRIDS = {"uniform": 17, "direct": 17, "uniform_long": 129}
 """Grid kinds and their lengths: the recurrence, direct trig, the recurrence with restarts."""
 SHAPES = {"aligned": (256, 64, 128), "ragged": (37, 24, 19)}
 """Shape classes (N, D, S): every size a multiple of 16 (the workloads), none (odd batches)."""
-KERNELS = {"forward": forward.ecf_forward_kernel, "backward": backward.ecf_backward_kernel}
+KERNELS = {"forward": forward._ecf_forward_kernel, "backward": backward._ecf_backward_kernel}
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
@@ -157,8 +157,8 @@ def case_launches(dtype: torch.dtype, grid: str, shape: str) -> list[Launch]:
         (config, "launch_device_check"): lambda *tensors: None,
         (forward, "program_count_target"): lambda device: 64,
         (backward, "DP_CHUNK_BYTES"): 1,
-        (forward, "ecf_forward_kernel"): _Recorder("forward", case, out),
-        (backward, "ecf_backward_kernel"): _Recorder("backward", case, out),
+        (forward, "_ecf_forward_kernel"): _Recorder("forward", case, out),
+        (backward, "_ecf_backward_kernel"): _Recorder("backward", case, out),
     }
     saved = {target: getattr(*target) for target in patches}
     try:

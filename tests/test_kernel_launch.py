@@ -103,7 +103,7 @@ def test_launch_scope_selects_the_device_of_x(monkeypatch):
 
 
 @pytest.mark.parametrize("module, kernel_name", [
-    (forward_module, "ecf_forward_kernel"), (backward_module, "ecf_backward_kernel"),
+    (forward_module, "_ecf_forward_kernel"), (backward_module, "_ecf_backward_kernel"),
 ])
 def test_every_launch_is_inside_the_scope_of_x_device(monkeypatch, module, kernel_name):
     scopes, launches = [], []
@@ -134,6 +134,38 @@ def test_every_launch_is_inside_the_scope_of_x_device(monkeypatch, module, kerne
     else:
         ecf_backward(x, A, t, *gradients(), 3.0 / (T - 1))
     assert launches and all(scope == [x.device] for scope in launches)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("block_n", 8), ("block_s", 48), ("block_d", 8), ("block_d", 0), ("num_warps", 3),
+])
+def test_a_bad_kernel_config_is_refused(field, value):
+    """Block sizes are powers of 2 and >= 16 (tl.arange, tl.dot's K); num_warps a power of 2."""
+    fields = dict(block_n=32, block_s=32, block_d=32, num_warps=4, num_stages=2)
+    config.KernelConfig(**fields)
+    with pytest.raises(ValueError, match=f"KernelConfig.{field} must be a power of 2"):
+        config.KernelConfig(**{**fields, field: value})
+
+
+def test_every_shipped_config_is_accepted():
+    for configs in (config.FORWARD_CONFIGS, config.BACKWARD_CONFIGS):
+        for kernel_config in configs.values():
+            config.KernelConfig(**vars(kernel_config))
+
+
+def test_the_kernels_assert_their_block_sizes():
+    """A block size that bypasses KernelConfig still stops at the kernel's tl.static_assert."""
+    x, A, t = embeddings(N, D, torch.float32), random_directions(D, S, 0), quadrature(3.0, T)[0]
+    partials = torch.zeros(1, 2, T, S)
+    with pytest.raises(Exception, match="BLOCK_D must be >= 16"):
+        forward_module._ecf_forward_kernel[(1, 1)](
+            x, A, t, partials,  # pointers
+            N, D, S,  # sizes
+            x.stride(0),  # strides
+            N, 0.0,  # scalars
+            T=T, UNIFORM=False, BLOCK_N=16, BLOCK_S=32, BLOCK_D=8,  # constexprs
+            INPUT_PRECISION="ieee", UPCAST_BF16=False,
+        )
 
 
 def test_sizes_past_int32_indices_are_refused():

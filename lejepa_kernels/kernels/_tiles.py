@@ -16,7 +16,7 @@ def row_starts(base_ptr, rows, row_stride):
 
 
 @triton.jit
-def projection_tile(
+def _projection_tile(
     x_ptr,
     a_ptr,
     rows,
@@ -94,7 +94,7 @@ def sincos(angle):
 
 
 @triton.jit
-def rotation_start(p, dt):
+def _rotation_start(p, dt):
     """(alpha, beta) = (2 sin^2(u / 2), sin(u)), u = dt p: the rotation by u in the form
     c' = c - (alpha c + beta s), s' = s - (alpha s - beta c). Unlike cos(u), alpha keeps its
     relative precision for small u, so the recurrence drifts little (Numerical Recipes 5.4)."""
@@ -103,7 +103,7 @@ def rotation_start(p, dt):
 
 
 @triton.jit
-def rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, weight, T: tl.constexpr):
+def _rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, weight, T: tl.constexpr):
     """weight * (cos, sin)((k + 1) dt p) from weight * (cos, sin)(k dt p). On grids longer than
     RESEED_EVERY points, every RESEED_EVERY-th point is computed directly instead, so the error
     stays that of direct fp32 trig whatever the length (weight: 1, or 0 on padded rows)."""

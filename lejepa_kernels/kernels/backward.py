@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import projection_tile, rotation_start, rotation_step, row_starts, sincos
+from ._tiles import _projection_tile, _rotation_start, _rotation_step, row_starts, sincos
 from .config import (
     BACKWARD_CONFIGS,
     KernelConfig,
@@ -37,7 +37,7 @@ MAX_GRID_Y = 65535
 
 
 @triton.jit
-def ecf_backward_kernel(
+def _ecf_backward_kernel(
     x_ptr,
     a_ptr,
     t_ptr,
@@ -57,6 +57,36 @@ def ecf_backward_kernel(
     INPUT_PRECISION: tl.constexpr,
     UPCAST_BF16: tl.constexpr,
 ):
+    """One [BLOCK_S, BLOCK_N] tile of dP^T for a chunk of slices, from the recomputed P.
+
+    Grid: (cdiv(N, BLOCK_N), cdiv(chunk, BLOCK_S)); program (i, j) owns rows
+    [i * BLOCK_N, (i + 1) * BLOCK_N) and slices chunk_start + [j * BLOCK_S, (j + 1) * BLOCK_S).
+
+    Args:
+        x_ptr: x [N, D], fp32/bf16/fp16, rows stride_xn elements apart, features contiguous.
+        a_ptr: A [D, S], fp32, contiguous (holding bf16-rounded values when UPCAST_BF16).
+        t_ptr: t [T], fp32, contiguous; read only when not UNIFORM.
+        coef_ptr: coefficients [2, T, S], fp32, contiguous: [0] = (t * dL/dsin_sums)^T multiplies
+            cos(t_k P), [1] = (-t * dL/dcos_sums)^T multiplies sin(t_k P).
+        dp_ptr: dP^T [chunk, N] of this chunk's slices, fp32 (bf16 for bf16 x), contiguous;
+            the slices past S are not written.
+        N, D, S: rows and features of x, slices of A (int32 range).
+        chunk_start: the chunk's first slice.
+        stride_xn: elements between rows of x.
+        dt: grid spacing, t_k = k * dt (fp32); used when UNIFORM.
+        T (constexpr): grid points.
+        UNIFORM (constexpr): the grid is t_k = k * dt (rotation recurrence); else direct trig of t.
+        BLOCK_N, BLOCK_S, BLOCK_D (constexpr): rows and slices of a tile, features per tl.dot step.
+        INPUT_PRECISION (constexpr): tl.dot precision ("tf32x3" for fp32 x, else "ieee").
+        UPCAST_BF16 (constexpr): multiply bf16 tiles in fp32 (the interpreter; see _projection_tile).
+    """
+    # tl.arange takes power-of-2 lengths; tl.dot takes K >= 16 for 16-bit operands.
+    tl.static_assert((BLOCK_N & (BLOCK_N - 1)) == 0, "BLOCK_N must be a power of 2")
+    tl.static_assert((BLOCK_S & (BLOCK_S - 1)) == 0, "BLOCK_S must be a power of 2")
+    tl.static_assert((BLOCK_D & (BLOCK_D - 1)) == 0, "BLOCK_D must be a power of 2")
+    tl.static_assert(BLOCK_D >= 16, "BLOCK_D must be >= 16 (tl.dot's K)")
+
+    # -- 0. this program's rows and slices (cols in A, local_cols in the chunk) ----
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,26 +94,30 @@ def ecf_backward_kernel(
     cols = chunk_start + local_cols
     row_mask = rows < N
     col_mask = cols < S
-    p = projection_tile(
+    # -- 1. projection tile: P^T = A^T x^T, recomputed (the forward never stores P) ----
+    p = _projection_tile(
         x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, S, stride_xn,
         BLOCK_N, BLOCK_S, BLOCK_D, INPUT_PRECISION, UPCAST_BF16,
     )
+    # -- 2. dP^T = sum_k cos(t_k P) cos_coef[k] + sin(t_k P) sin_coef[k], in registers ----
     # The coefficients are a [2T, S] matrix: rows k (of cos(t_k P)) and T + k (of sin(t_k P)).
     cos_coef = coef_ptr + cols
     sin_coef = row_starts(cos_coef, T, S)
     grad = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     if UNIFORM:
-        alpha, beta = rotation_start(p, dt)
+        # rotation recurrence: one sincos per element, then a rotation per grid point
+        alpha, beta = _rotation_start(p, dt)
         cos_k = tl.zeros_like(p) + 1.0
         sin_k = tl.zeros_like(p)
         for k in range(T):
             a = tl.load(cos_coef, mask=col_mask, other=0.0)
             b = tl.load(sin_coef, mask=col_mask, other=0.0)
             grad += cos_k * a[:, None] + sin_k * b[:, None]
-            cos_k, sin_k = rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, 1.0, T)
+            cos_k, sin_k = _rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, 1.0, T)
             cos_coef += S
             sin_coef += S
     else:
+        # any other grid: direct trig of t_k P at each point
         for k in range(T):
             sin_k, cos_k = sincos(tl.load(t_ptr + k) * p)
             a = tl.load(cos_coef, mask=col_mask, other=0.0)
@@ -91,6 +125,7 @@ def ecf_backward_kernel(
             grad += cos_k * a[:, None] + sin_k * b[:, None]
             cos_coef += S
             sin_coef += S
+    # epilogue: the tile of dP^T [chunk, N], in dP's dtype (cuBLAS then adds dP @ A^T to dx)
     out = row_starts(dp_ptr, local_cols, N)[:, None] + rows[None, :]
     tl.store(out, grad.to(dp_ptr.dtype.element_ty), mask=col_mask[:, None] & row_mask[None, :])
 
@@ -150,18 +185,15 @@ def ecf_backward(
         size = min(chunk, S - start)
         grid = (triton.cdiv(N, config.block_n), triton.cdiv(size, config.block_s))
         with launch_scope(x.device):
-            ecf_backward_kernel[grid](
-                x, directions, t, coef, dp_t, N, D, S, start, x.stride(0),
-                float(dt),
-                T=T,
-                UNIFORM=dt > 0,
-                BLOCK_N=config.block_n,
-                BLOCK_S=config.block_s,
-                BLOCK_D=config.block_d,
-                INPUT_PRECISION=input_precision(x.dtype),
-                UPCAST_BF16=interpreter_bf16(x),
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
+            _ecf_backward_kernel[grid](
+                x, directions, t, coef, dp_t,  # pointers: x, A, t, coefficients, dP^T
+                N, D, S, start,  # sizes, and the chunk's first slice
+                x.stride(0),  # strides: stride_xn
+                float(dt),  # scalars: grid spacing
+                T=T, UNIFORM=dt > 0,  # constexprs: the grid
+                BLOCK_N=config.block_n, BLOCK_S=config.block_s, BLOCK_D=config.block_d,  # constexprs: tile
+                INPUT_PRECISION=input_precision(x.dtype), UPCAST_BF16=interpreter_bf16(x),  # constexprs: dot
+                num_warps=config.num_warps, num_stages=config.num_stages,  # launch options
             )
         add_product(grad_x, dp_t[:size].T, A[:, start : start + size].T)
     return grad_x.to(x.dtype)

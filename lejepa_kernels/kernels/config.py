@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import triton
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ..triton_backend import KERNEL_DTYPES, interpreting
+
 INDEX_LIMIT = 2**31
 """Rows, features and slices are indexed in int32 inside the kernels (addresses are 64-bit)."""
 
@@ -26,6 +26,17 @@ class KernelConfig:
     block_d: int
     num_warps: int
     num_stages: int
+
+    def __post_init__(self) -> None:
+        # tl.arange takes power-of-2 lengths and tl.dot a K of at least 16 for 16-bit operands
+        # (the kernels static_assert both); rows and slices keep to the same >= 16, the range the
+        # ptxas checks cover. Triton itself asserts a power-of-2 num_warps, with a bare assert.
+        for name in ("block_n", "block_s", "block_d"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of 2 and >= 16, got {size}")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"KernelConfig.num_warps must be a power of 2, got {self.num_warps}")
 
 
 # Chosen from ptxas register counts for sm_80 and sm_90 under Triton 3.6 and 3.8, for every
@@ -46,13 +57,8 @@ BACKWARD_CONFIGS = {
 }
 
 
-def interpreting() -> bool:
-    """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def interpreter_bf16(x: torch.Tensor) -> bool:
-    """True when bf16 tiles must be multiplied in fp32 (the interpreter; see projection_tile)."""
+    """True when bf16 tiles must be multiplied in fp32 (the interpreter; see _projection_tile)."""
     return interpreting() and x.dtype == torch.bfloat16
 
 
