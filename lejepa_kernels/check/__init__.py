@@ -31,7 +31,8 @@ at full size) or, without CUDA, in Triton's CPU interpreter (small shapes, in a 
 then a short speed and memory table. The exit status is 1 when a check fails."""
 ACCURACY_HEADER = (
     "accuracy against the fp64 oracle, each error against its bound\n"
-    "  (err: max |C - C*| / N of the sums, or the loss's relative error; grad: max |dx - dx*| / max |dx*|)"
+    "  (err: max |cos_sums - exact| / N (sin_sums alike), or the loss's relative error; "
+    "grad: max |dx - dx*| / max |dx*|)"
 )
 
 
