@@ -32,7 +32,7 @@ def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
     """Why the kernels do not take this call, or None: they take fp32, bf16 and fp16 CUDA
     tensors (CPU tensors in Triton's interpreter), on any grid."""
     if x.dtype not in KERNEL_DTYPES:
-        return f"it takes fp32, bf16 or fp16, got {x.dtype}"
+        return f"it takes fp32, bf16 or fp16, got {x.dtype} (fp64 runs on the PyTorch backend)"
     if x.device.type != "cuda" and not interpreting():
         return (
             f"it needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 before importing "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..triton_backend import KERNEL_DTYPES, interpreting
+from ..triton_backend import KERNEL_DTYPES, interpreting, unsupported
 
 INDEX_LIMIT = 2**31
 """Rows, features and slices are indexed in int32 inside the kernels (addresses are 64-bit)."""
@@ -73,17 +73,12 @@ def input_precision(dtype: torch.dtype) -> str:
 
 
 def launch_device_check(x: torch.Tensor, *others: torch.Tensor) -> None:
-    """Raise unless x (fp32/bf16/fp16) and the others can be handed to a Triton kernel."""
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"the Triton kernels take fp32, bf16 or fp16 inputs, got {x.dtype}; "
-            "use backend='torch' for fp64"
-        )
-    if x.device.type != "cuda" and not interpreting():
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
-            "before importing triton to run the kernels on the CPU, or use backend='torch'"
-        )
+    """Raise unless x and the others can be handed to a Triton kernel: TypeError for a dtype,
+    ValueError for a device (the reasons are `triton_backend.unsupported`'s)."""
+    reason = unsupported(x, 0, 0.0)
+    if reason:
+        error = TypeError if x.dtype not in KERNEL_DTYPES else ValueError
+        raise error(f"the Triton kernels cannot take this call: {reason}; use backend='torch'")
     for other in others:
         if other.device != x.device:
             raise ValueError(f"all inputs must be on {x.device}, got one on {other.device}")
