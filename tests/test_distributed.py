@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import loss_and_grad
 
 from lejepa_kernels import FusedSlicedEppsPulley, sliced_epps_pulley
 from lejepa_kernels.lejepa import LeJEPA
@@ -66,18 +67,11 @@ class _TinyLeJEPA(torch.nn.Module):
         return LeJEPA._compute_loss(self.projector(views), DDP_GLOBAL_VIEWS, self.sigreg, LAMB)
 
 
-def _loss_and_grad(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.detach().clone().requires_grad_()
-    loss = module(x)
-    loss.backward()
-    return loss.detach(), x.grad
-
-
 def _steps(module, xs: list[torch.Tensor]) -> list[dict]:
     """Call module on each x; record loss, x.grad and global_step after the call."""
     out = []
     for x in xs:
-        loss, grad = _loss_and_grad(module, x)
+        loss, grad = loss_and_grad(module, x)
         out.append({"loss": loss, "grad": grad, "step_after": int(module.global_step)})
     return out
 
@@ -132,12 +126,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
                 x, FUNCTIONAL_STEP, S, T_MAX, N_POINTS, backend="torch", **kwargs
             )
 
-        results["functional"] = _loss_and_grad(functional(), xs[0])
+        results["functional"] = loss_and_grad(functional(), xs[0])
         local = FusedSlicedEppsPulley(S, T_MAX, N_POINTS, backend="torch", distributed=False)
         local.global_step.fill_(LOCAL_STEP + rank)
         try:
             results["local"] = _steps(local, xs[:STEPS])
-            results["functional_local"] = _loss_and_grad(functional(distributed=False), xs[0])
+            results["functional_local"] = loss_and_grad(functional(distributed=False), xs[0])
         except ValueError as error:
             results["local"] = str(error)
 
@@ -178,7 +172,7 @@ def _oracle(x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The single-process reference loss and gradient of x at step."""
     module = SlicedEppsPulley(S, T_MAX, N_POINTS)
     module.global_step.fill_(step)
-    return _loss_and_grad(module, x)
+    return loss_and_grad(module, x)
 
 
 def _assert_close(got: torch.Tensor, expected: torch.Tensor, rtol: float) -> None:
