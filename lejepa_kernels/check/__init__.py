@@ -6,8 +6,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
-import secrets
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 
 from .. import cpu_backend
+from ..atomic_file import atomic_write
 from .accuracy import CUDA_LARGE_CASES, Case, run_case, small_cases
 from .bench import format_row, header, run_bench
 from .environment import describe, summary_lines
@@ -155,19 +154,9 @@ def _finite(value: Any) -> Any:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write data to path atomically: a temporary file beside it, fsync, then rename."""
+    """Write data to path as strict JSON, atomically (`atomic_write`)."""
     text = json.dumps(_finite(data), indent=2, allow_nan=False, default=str) + "\n"
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda file: file.write(text.encode()))
 
 
 def _say(line: str) -> None:
