@@ -17,20 +17,19 @@ import contextlib
 import ctypes
 import functools
 import hashlib
-import itertools
 import os
 import platform
-import secrets
 import shlex
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from .private_cache import CACHE_ENV, CacheUnavailable, new_file, open_cache, open_own_file
+from .private_cache import cache_dir as _configured_cache_dir
+
 SOURCE = Path(__file__).parent / "csrc" / "ecf_cpu.c"
-CACHE_ENV = "LEJEPA_KERNELS_CACHE"
 CHECKSUM_SUFFIX = ".sha256"
 """Beside each cached library, a file of that name plus this suffix holds "<sha256> <size>\\n"."""
 LIBRARY_MODE = 0o755
@@ -61,17 +60,11 @@ _SIGNATURES = {
 
 
 def cache_dir() -> Path:
-    """The configured cache: $LEJEPA_KERNELS_CACHE, else $XDG_CACHE_HOME/lejepa_kernels, else
-    ~/.cache/lejepa_kernels (the library goes in a private directory inside it when others could
-    write there)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "lejepa_kernels"
+    """The configured cache (`private_cache.cache_dir`); CpuKernelUnavailable when there is none."""
     try:
-        return Path.home() / ".cache" / "lejepa_kernels"
-    except RuntimeError as error:  # no $HOME and no password entry
-        raise CpuKernelUnavailable(f"no home directory ({error}); set ${CACHE_ENV}") from error
+        return _configured_cache_dir()
+    except CacheUnavailable as error:
+        raise CpuKernelUnavailable(str(error)) from error
 
 
 def _compiler() -> list[str]:
@@ -137,84 +130,9 @@ def _compile(compiler: list[str]) -> bytes:
     raise CpuKernelUnavailable("the C kernel did not compile:\n" + "\n".join(errors))
 
 
-class _Untrusted(Exception):
-    """A cache directory that others could have put code in (the message says why)."""
-
-
-def _untrusted_because(status: os.stat_result, path: Path | str) -> str | None:
-    """Why the file or directory `path`, of this fstat/lstat, could hold what another user put
-    there (owned by them, or writable by group or others); None when only this user could."""
-    problems = []
-    if status.st_uid != os.geteuid():
-        problems.append(f"owned by uid {status.st_uid}, not by this user (uid {os.geteuid()})")
-    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problems.append(f"writable by other users (mode {stat.S_IMODE(status.st_mode):o})")
-    return f"{path} is {' and '.join(problems)}" if problems else None
-
-
-def _open_private_directory(path: Path) -> int:
-    """A descriptor of the directory `path`, made (with any missing parents, mode 0o700) when
-    missing, once checked through that descriptor: all later use goes through it, so nothing can
-    be swapped in between. Raises _Untrusted when path is a symbolic link or others could write
-    in it, OSError when it cannot be made or opened."""
-    missing = itertools.takewhile(lambda p: not os.path.lexists(p), [path, *path.parents])
-    for directory in reversed(list(missing)):
-        try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:  # made meanwhile by another process
-            pass
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        if os.path.islink(path):
-            raise _Untrusted(f"{path} is a symbolic link") from None
-        raise
-    reason = _untrusted_because(os.fstat(fd), path)
-    if reason is not None:
-        os.close(fd)
-        raise _Untrusted(reason)
-    return fd
-
-
-def _open_cache() -> tuple[int, Path]:
-    """(descriptor, path) of the directory the library is kept in: cache_dir() when this user
-    owns it and only this user can write it, else a private lejepa_kernels-<uid> directory
-    inside it (where a shared cache gives each user their own). CpuKernelUnavailable when
-    neither will do; OSError when the cache cannot be made."""
-    configured = cache_dir()
-    try:
-        return _open_private_directory(configured), configured
-    except _Untrusted as problem:
-        private = configured / f"lejepa_kernels-{os.geteuid()}"
-        try:
-            return _open_private_directory(private), private
-        except _Untrusted as private_problem:
-            detail = str(private_problem)
-        except OSError as error:
-            detail = f"{private} cannot be made ({error.strerror or error})"
-        raise CpuKernelUnavailable(
-            f"the kernel cache is unsafe to load code from: {problem}, and {detail}. Set "
-            f"${CACHE_ENV} to a directory that you own and only you can write (mode 700)"
-        ) from None
-
-
 def _checksum_line(library: bytes) -> str:
     """What the checksum file beside a library holds: its sha256 and size."""
     return f"{hashlib.sha256(library).hexdigest()} {len(library)}\n"
-
-
-def _open_own_file(directory_fd: int, name: str) -> int | None:
-    """A read descriptor of the file `name` in the cache when it is a regular file (not a
-    symbolic link) of this user's that only this user can write, else None."""
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory_fd)
-    except OSError:  # missing, or a symbolic link
-        return None
-    status = os.fstat(fd)
-    if stat.S_ISREG(status.st_mode) and _untrusted_because(status, name) is None:
-        return fd
-    os.close(fd)
-    return None
 
 
 def _open_valid_library(directory_fd: int, name: str) -> int | None:
@@ -222,10 +140,10 @@ def _open_valid_library(directory_fd: int, name: str) -> int | None:
     this user's that only this user can write, of the size and sha256 that its checksum file
     (held to the same rules) records. None otherwise: missing, planted, damaged or truncated (a
     library shorter than its ELF headers say kills the process with SIGBUS when loaded)."""
-    library_fd = _open_own_file(directory_fd, name)
+    library_fd = open_own_file(directory_fd, name)
     if library_fd is None:
         return None
-    checksum_fd = _open_own_file(directory_fd, name + CHECKSUM_SUFFIX)
+    checksum_fd = open_own_file(directory_fd, name + CHECKSUM_SUFFIX)
     if checksum_fd is not None:
         with open(library_fd, "rb", closefd=False) as library, open(checksum_fd, "rb") as checksum:
             if checksum.read() == _checksum_line(library.read()).encode():
@@ -234,32 +152,14 @@ def _open_valid_library(directory_fd: int, name: str) -> int | None:
     return None
 
 
-def _new_file(directory_fd: int, data: bytes, mode: int) -> str:
-    """The name of a fresh file in the cache (mkstemp's recipe, relative to the directory's
-    descriptor: a random name, O_EXCL) holding data, with the given mode, fsync'ed."""
-    name = f".partial-{secrets.token_hex(8)}"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(name, flags, 0o600, dir_fd=directory_fd)
-    try:
-        with open(fd, "wb") as file:
-            os.fchmod(fd, mode)
-            file.write(data)
-            file.flush()
-            os.fsync(fd)
-    except BaseException:
-        os.unlink(name, dir_fd=directory_fd)
-        raise
-    return name
-
-
 def _install(directory_fd: int, name: str, library: bytes) -> int:
     """Put the library under `name` in the cache and its checksum beside it, each written in full
     to a fresh file then renamed into place (concurrent builders, such as DDP ranks, never see
     part of one); a read descriptor of the library written."""
     partials = []
     try:
-        partials.append(_new_file(directory_fd, library, LIBRARY_MODE))
-        partials.append(_new_file(directory_fd, _checksum_line(library).encode(), 0o644))
+        partials.append(new_file(directory_fd, library, LIBRARY_MODE))
+        partials.append(new_file(directory_fd, _checksum_line(library).encode(), 0o644))
         library_fd = os.open(partials[0], os.O_RDONLY | os.O_CLOEXEC, dir_fd=directory_fd)
         try:
             for partial, final in zip(partials, (name, name + CHECKSUM_SUFFIX)):
@@ -306,13 +206,15 @@ def library() -> ctypes.CDLL:
     compiler = _compiler()
     name = _library_name(compiler)
     try:
-        directory_fd, directory = _open_cache()
+        directory_fd, directory = open_cache()
         try:
             library_fd = _open_valid_library(directory_fd, name)
             if library_fd is None:
                 library_fd = _install(directory_fd, name, _compile(compiler))
         finally:
             os.close(directory_fd)
+    except CacheUnavailable as error:
+        raise CpuKernelUnavailable(str(error)) from None
     except OSError as error:
         raise CpuKernelUnavailable(
             f"cannot write the kernel library ({error}); set ${CACHE_ENV} to a writable directory"
