@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from conftest import DEVICE
 
 pytest.importorskip("triton")
 
@@ -24,7 +25,7 @@ N, D, S, T = 37, 24, 19, 17
 
 def embeddings(rows, features, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, features, generator=g, dtype=torch.float64).to(dtype)
+    return torch.randn(rows, features, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)
 
 
 def oracle(x, A, t, grad_cos, grad_sin):
@@ -41,7 +42,7 @@ def max_error(got, want):
 
 def gradients(seed=7):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(2, S, T, generator=g)
+    return torch.randn(2, S, T, generator=g).to(DEVICE)
 
 
 @pytest.mark.parametrize("layout", ["grid", "directions", "both"])
@@ -49,9 +50,9 @@ def test_strided_grid_and_directions(layout):
     """A strided t (every other point of a finer grid) and a transposed A give the sums and
     the gradient of their contiguous copies (direct trig reads t)."""
     x = embeddings(N, D, torch.float32, seed=1)
-    t, A = quadrature(3.0, T)[0], random_directions(D, S, 0)
+    t, A = quadrature(3.0, T)[0].to(DEVICE), random_directions(D, S, 0, DEVICE)
     if layout in ("grid", "both"):
-        t = torch.linspace(0, 3, 2 * T - 1)[::2]
+        t = torch.linspace(0, 3, 2 * T - 1, device=DEVICE)[::2]
     if layout in ("directions", "both"):
         A = A.T.contiguous().T  # the same values, column-major
     assert t.is_contiguous() == (layout == "directions")
@@ -66,8 +67,8 @@ def test_strided_grid_and_directions(layout):
 
 def test_strided_grid_through_ecf_sums():
     x = embeddings(N, D, torch.float32, seed=2).requires_grad_()
-    A = random_directions(D, S, 0).T.contiguous().T  # column-major
-    t = torch.linspace(0, 3, 2 * T - 1)[::2]
+    A = random_directions(D, S, 0, DEVICE).T.contiguous().T  # column-major
+    t = torch.linspace(0, 3, 2 * T - 1, device=DEVICE)[::2]
     grad_cos, grad_sin = gradients(8)
     want_cos, want_sin, want_dx = oracle(x.detach(), A, t, grad_cos, grad_sin)
     cos_sums, sin_sums = ecf_sums(x, A, t, backend="triton")
@@ -78,11 +79,11 @@ def test_strided_grid_through_ecf_sums():
 
 def test_directions_must_match_the_embeddings():
     x = embeddings(N, D, torch.float32)
-    t = quadrature(3.0, T)[0]
+    t = quadrature(3.0, T)[0].to(DEVICE)
     with pytest.raises(ValueError, match=r"A must be \[D, S\]"):
-        ecf_forward(x, random_directions(D + 1, S, 0), t, 0.0)
+        ecf_forward(x, random_directions(D + 1, S, 0, DEVICE), t, 0.0)
     with pytest.raises(ValueError, match=r"t must be 1-D"):
-        ecf_forward(x, random_directions(D, S, 0), t[None], 0.0)
+        ecf_forward(x, random_directions(D, S, 0, DEVICE), t[None], 0.0)
 
 
 def test_launch_scope_selects_the_device_of_x(monkeypatch):
@@ -128,7 +129,7 @@ def test_every_launch_is_inside_the_scope_of_x_device(monkeypatch, module, kerne
     monkeypatch.setattr(module, kernel_name, RecordingKernel())
     monkeypatch.setattr(backward_module, "DP_CHUNK_BYTES", N * 4 * 16)  # several chunks
     x = embeddings(N, D, torch.float32)
-    A, t = random_directions(D, S, 0), quadrature(3.0, T)[0]
+    A, t = random_directions(D, S, 0, DEVICE), quadrature(3.0, T)[0].to(DEVICE)
     if module is forward_module:
         ecf_forward(x, A, t, 3.0 / (T - 1))
     else:
@@ -148,22 +149,22 @@ def test_a_bad_kernel_config_is_refused(field, value):
 
 
 def test_every_shipped_config_is_accepted():
-    for configs in (config.FORWARD_CONFIGS, config.BACKWARD_CONFIGS):
-        for kernel_config in configs.values():
+    for candidates in (config.FORWARD_CANDIDATES, config.BACKWARD_CANDIDATES):
+        for kernel_config in (c for configs in candidates.values() for c in configs):
             config.KernelConfig(**vars(kernel_config))
 
 
 def test_the_kernels_assert_their_block_sizes():
     """A block size that bypasses KernelConfig still stops at the kernel's tl.static_assert."""
-    x, A, t = embeddings(N, D, torch.float32), random_directions(D, S, 0), quadrature(3.0, T)[0]
-    partials = torch.zeros(1, 2, T, S)
+    x, A, t = embeddings(N, D, torch.float32), random_directions(D, S, 0, DEVICE), quadrature(3.0, T)[0].to(DEVICE)
+    partials = torch.zeros(1, 2, T, S, device=DEVICE)
     with pytest.raises(Exception, match="BLOCK_D must be >= 16"):
-        forward_module._ecf_forward_kernel[(1, 1)](
+        forward_module._ecf_forward_kernel[(1, 1, 1)](
             x, A, t, partials,  # pointers
             N, D, S,  # sizes
             x.stride(0),  # strides
             N, 0.0,  # scalars
-            T=T, UNIFORM=False, BLOCK_N=16, BLOCK_S=32, BLOCK_D=8,  # constexprs
+            T=T, CHUNK_T=T, UNIFORM=False, BLOCK_N=16, BLOCK_S=32, BLOCK_D=8, BLOCK_T=32,  # constexprs
             INPUT_PRECISION="ieee", UPCAST_BF16=False,
         )
 
@@ -172,14 +173,14 @@ def test_sizes_past_int32_indices_are_refused():
     """Row and slice indices are int32 in the kernels: larger sizes raise before anything is
     allocated (the expanded inputs below take no memory)."""
     x = embeddings(2, 8, torch.float32)
-    t = quadrature(3.0, 3)[0]
-    wide = torch.zeros(1, 1).expand(8, 2**31)
+    t = quadrature(3.0, 3)[0].to(DEVICE)
+    wide = torch.zeros(1, 1, device=DEVICE).expand(8, 2**31)
     with pytest.raises(ValueError, match="2\\^31"):
         ecf_forward(x, wide, t, 1.5)
-    tall = torch.zeros(1, 8).expand(2**31, 8)
-    grad = torch.zeros(1, 1).expand(4, 3)
+    tall = torch.zeros(1, 8, device=DEVICE).expand(2**31, 8)
+    grad = torch.zeros(1, 1, device=DEVICE).expand(4, 3)
     with pytest.raises(ValueError, match="2\\^31"):
-        ecf_backward(tall, random_directions(8, 4, 0), t, grad, grad, 1.5)
+        ecf_backward(tall, random_directions(8, 4, 0, DEVICE), t, grad, grad, 1.5)
 
 
 @triton.jit
@@ -192,13 +193,12 @@ def _row_start_offsets(out_ptr, base_ptr, first_row, row_stride, ROWS: tl.conste
 @pytest.mark.parametrize("first_row, row_stride", [(0, 3), (16, 2**27), (2**20, 2**12 + 1)])
 def test_row_starts_are_64_bit(first_row, row_stride):
     """The kernels form every row offset with row_starts (rows of x, A, the dP buffer, the
-    partial sums, the coefficients; the grid-point loops then step 64-bit pointers by S): its
-    offsets pass 2^31 elements without wrapping."""
-    out = torch.zeros(16, dtype=torch.int64)
-    base = torch.zeros(1, dtype=torch.float32)
+    partial sums, the coefficients): its offsets pass 2^31 elements without wrapping."""
+    out = torch.zeros(16, dtype=torch.int64, device=DEVICE)
+    base = torch.zeros(1, dtype=torch.float32, device=DEVICE)
     _row_start_offsets[(1,)](out, base, first_row, row_stride, ROWS=16)
     rows = torch.arange(first_row, first_row + 16, dtype=torch.int64)
-    assert out.tolist() == (rows * row_stride * base.element_size()).tolist()
+    assert out.cpu().tolist() == (rows * row_stride * base.element_size()).tolist()
 
 
 def test_bf16_chunk_products_are_requested_in_fp32_on_gpus():

@@ -11,8 +11,13 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from lejepa_kernels import FusedSlicedEppsPulley, ecf_sums, torch_backend  # noqa: E402
+from lejepa_kernels.kernels import (  # noqa: E402
+    BACKWARD_CANDIDATES,
+    FORWARD_CANDIDATES,
+    ecf_backward,
+    ecf_forward,
+)
 from lejepa_kernels.kernels import backward as backward_module  # noqa: E402
-from lejepa_kernels.kernels import ecf_backward, ecf_forward  # noqa: E402
 from lejepa_kernels.kernels import forward as forward_module  # noqa: E402
 from lejepa_kernels.kernels._tiles import sincos  # noqa: E402
 from lejepa_kernels.kernels.backward import slices_per_chunk  # noqa: E402
@@ -85,10 +90,54 @@ def test_several_row_splits_and_dp_chunks(monkeypatch):
 
 
 def test_chunk_sizes_respect_memory_and_grid_limits():
-    assert slices_per_chunk(8192, 8192, 2, 64) * 8192 * 2 <= backward_module.DP_CHUNK_BYTES
-    assert slices_per_chunk(8192, 100, 2, 64) == 100
-    assert slices_per_chunk(10**8, 5000, 4, 64) == 64
-    assert slices_per_chunk(2, 10**9, 4, 32) == 65535 * 32
+    budget = 32 << 20
+    assert slices_per_chunk(8192, 8192, 2, 64, budget) * 8192 * 2 <= budget
+    assert slices_per_chunk(8192, 8192, 2, 64, 1 << 30) == 8192  # the paper workload: one chunk
+    assert slices_per_chunk(8192, 100, 2, 64, budget) == 100
+    assert slices_per_chunk(10**8, 5000, 4, 64, budget) == 64
+    assert slices_per_chunk(2, 10**9, 4, 32, budget) == 65535 * 32
+
+
+def test_dp_budget_is_bounded():
+    assert backward_module.dp_budget(torch.device("cpu")) == backward_module.DP_CHUNK_BYTES
+    if DEVICE.type == "cuda":
+        assert 0 < backward_module.dp_budget(DEVICE) <= backward_module.DP_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_candidate_configuration_gives_the_numbers(dtype):
+    """Each configuration tuning may choose gives the sums and dx of the fp64 oracle (and so of
+    each other, to rounding), on a ragged shape whose rows span several row blocks."""
+    N, D, S, T = 150, 40, 70, 17
+    x = embeddings(N, D, seed=12).to(dtype).to(DEVICE)
+    A = random_directions(D, S, 0, DEVICE)
+    t = quadrature(3.0, T)[0].to(DEVICE)
+    grad_cos, grad_sin = (torch.randn(2, S, T, generator=torch.Generator().manual_seed(12)) / S).to(DEVICE)
+    A_read = A.to(dtype).double()  # the kernels multiply A rounded to x's dtype
+    want = torch_backend.ecf_sums(x.double(), A_read, t.double())
+    want_dx = torch_backend.ecf_sums_backward(x.double(), A_read, t.double(), grad_cos.double(), grad_sin.double())
+    dx_tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
+    for config in FORWARD_CANDIDATES[dtype]:
+        sums = ecf_forward(x, A, t, 3.0 / 16, config)
+        assert max((got.double() - ref).abs().max().item() for got, ref in zip(sums, want)) / N < 1e-6, config
+    for config in BACKWARD_CANDIDATES[dtype]:
+        dx = ecf_backward(x, A, t, grad_cos, grad_sin, 3.0 / 16, config)
+        assert relative(dx, want_dx) < dx_tol, config
+
+
+@pytest.mark.parametrize("row_blocks", [1, 2, 9])
+def test_row_walks_of_one_two_and_many_blocks(monkeypatch, row_blocks):
+    """One program per slice tile walks all rows: 1, 2 or 9 row blocks (the last one ragged),
+    its sums kept in registers across the walk and written once."""
+    monkeypatch.setattr(forward_module, "program_count_target", lambda device: 1)
+    config = FORWARD_CANDIDATES[torch.float32][0]
+    N, D, S, T = (row_blocks - 1) * config.block_n + 5, 24, 19, 17
+    x = embeddings(N, D, seed=13).float().to(DEVICE)
+    A, t = random_directions(D, S, 0, DEVICE), quadrature(3.0, T)[0].to(DEVICE)
+    want = torch_backend.ecf_sums(x.double(), A.double(), t.double())
+    for dt in (3.0 / 16, 0.0):
+        sums = ecf_forward(x, A, t, dt, config)
+        assert max((got.double() - ref).abs().max().item() for got, ref in zip(sums, want)) / N < 3e-7
 
 
 @pytest.mark.parametrize("view", ["transposed", "strided", "offset"])
@@ -187,8 +236,10 @@ def test_sincos_against_fp64(largest):
     g = torch.Generator().manual_seed(11)
     angles = ((torch.rand(4099, generator=g, dtype=torch.float64) * 2 - 1) * largest).float()
     angles[:3] = torch.tensor([0.0, largest, -largest])
-    sin, cos = torch.empty_like(angles), torch.empty_like(angles)
-    _sincos_kernel[(1,)](angles, sin, cos, angles.numel(), BLOCK=8192)
+    on_device = angles.to(DEVICE)
+    sin, cos = torch.empty_like(on_device), torch.empty_like(on_device)
+    _sincos_kernel[(1,)](on_device, sin, cos, angles.numel(), BLOCK=8192)
+    sin, cos = sin.cpu(), cos.cpu()
     exact = angles.double()
     error = torch.maximum((sin.double() - exact.sin()).abs(), (cos.double() - exact.cos()).abs())
     bound = 2e-7 if largest <= 1e5 else torch.maximum(

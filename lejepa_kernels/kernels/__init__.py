@@ -13,7 +13,7 @@ Glossary (the same names in the Python, Triton and C code; docs/DESIGN.md has th
 """
 
 from .backward import ecf_backward
-from .config import BACKWARD_CONFIGS, FORWARD_CONFIGS, KernelConfig
+from .config import BACKWARD_CANDIDATES, FORWARD_CANDIDATES, KernelConfig
 from .forward import ecf_forward
 
-__all__ = ["BACKWARD_CONFIGS", "FORWARD_CONFIGS", "KernelConfig", "ecf_backward", "ecf_forward"]
+__all__ = ["BACKWARD_CANDIDATES", "FORWARD_CANDIDATES", "KernelConfig", "ecf_backward", "ecf_forward"]

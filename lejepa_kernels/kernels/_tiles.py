@@ -3,9 +3,6 @@
 import triton
 import triton.language as tl
 
-RESEED_EVERY = tl.constexpr(32)
-"""Grid points between restarts of the trig recurrence from direct cos/sin (long grids only)."""
-
 
 @triton.jit
 def row_starts(base_ptr, rows, row_stride):
@@ -37,11 +34,11 @@ def _projection_tile(
     Slices run along the tile's first axis and rows along its second: in the MMA layouts warps
     split the first axis only, so sums over rows (axis 1) stay within a warp (no shared memory).
 
-    x is fp32/bf16/fp16, rows stride_xn elements apart, features contiguous; A is [D, S] fp32
-    contiguous, rounded to x's dtype so that 16-bit inputs run on tensor cores at full rate
-    (fp32 inputs use INPUT_PRECISION, e.g. "tf32x3"). UPCAST_BF16 multiplies bf16 tiles in
-    fp32, for Triton's interpreter, which mis-computes bf16 dots and truncates fp32 -> bf16
-    casts: the launcher then passes A already rounded to bf16.
+    x is fp32/bf16/fp16, rows stride_xn elements apart, features contiguous; A is [D, S]
+    contiguous, in x's dtype (the launcher rounds it once per call), so that 16-bit inputs run on
+    tensor cores at full rate and read half the bytes (fp32 inputs use INPUT_PRECISION, e.g.
+    "tf32x3"). UPCAST_BF16 multiplies bf16 tiles in fp32, for Triton's interpreter, which
+    mis-computes bf16 dots: A then comes as fp32 holding bf16-rounded values.
     """
     acc = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     x_rows = row_starts(x_ptr, rows, stride_xn)
@@ -60,8 +57,6 @@ def _projection_tile(
         )
         if UPCAST_BF16:
             x_tile = x_tile.to(tl.float32)
-        else:
-            a_tile = a_tile.to(x_tile.dtype)
         acc = tl.dot(a_tile, x_tile, acc, input_precision=INPUT_PRECISION)
     return acc
 
@@ -103,15 +98,19 @@ def _rotation_start(p, dt):
 
 
 @triton.jit
-def _rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, weight, T: tl.constexpr):
-    """weight * (cos, sin)((k + 1) dt p) from weight * (cos, sin)(k dt p). On grids longer than
-    RESEED_EVERY points, every RESEED_EVERY-th point is computed directly instead, so the error
-    stays that of direct fp32 trig whatever the length (weight: 1, or 0 on padded rows)."""
-    cos_next = cos_k - (alpha * cos_k + beta * sin_k)
-    sin_next = sin_k - (alpha * sin_k - beta * cos_k)
-    if T > RESEED_EVERY:
-        if (k + 1) % RESEED_EVERY.value == 0:
-            sin_direct, cos_direct = sincos(((k + 1) * dt) * p)
-            cos_next = cos_direct * weight
-            sin_next = sin_direct * weight
-    return cos_next, sin_next
+def _rotation_step(alpha, beta, cos_k, sin_k):
+    """(cos, sin)((k + 1) u) from (cos, sin)(k u), any common weight carried along (1, or 0 on
+    padded rows)."""
+    return cos_k - (alpha * cos_k + beta * sin_k), sin_k - (alpha * sin_k - beta * cos_k)
+
+
+@triton.jit
+def _chunk_start(p, k0, dt, weight, SINGLE_CHUNK: tl.constexpr):
+    """weight * (cos, sin)(k0 dt p): the first point of a chunk of the uniform grid, where the
+    recurrence (re)starts from direct trig; (weight, 0) without trig when the grid is one chunk
+    (k0 = 0). Chunks are short (`config.grid_chunk`), so the error of any value stays that of a
+    few rotations, whatever the grid's length."""
+    if SINGLE_CHUNK:
+        return tl.zeros_like(p) + weight, tl.zeros_like(p)
+    sin_0, cos_0 = sincos((k0 * dt) * p)
+    return cos_0 * weight, sin_0 * weight

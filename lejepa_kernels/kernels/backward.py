@@ -5,8 +5,8 @@ A program owns a [BLOCK_S, BLOCK_N] (slices x rows) tile: it recomputes the proj
     dP[n, s] = sum_k cos(t_k P) cos_coef[k, s] + sin(t_k P) sin_coef[k, s]
 with cos_coef = t * dL/dZ and sin_coef = -t * dL/dC. The tile is written out transposed, as
 dP^T [chunk, N] (fp32, or bf16 for bf16 inputs), and cuBLAS adds dP @ A^T to an fp32 dx, chunk
-of slices by chunk of slices, so the dP buffer never exceeds DP_CHUNK_BYTES and no [N, S, T]
-tensor exists.
+of slices by chunk of slices, so the dP buffer stays within `dp_budget` (at most DP_CHUNK_BYTES,
+and a share of the GPU's free memory) and no [N, S, T] tensor exists.
 
 Why chunk + cuBLAS rather than one kernel that also does dP @ A^T: a program that owns rows
 must hold a [BLOCK_N, D] fp32 accumulator (D in the hundreds to thousands does not fit in
@@ -20,19 +20,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import _projection_tile, _rotation_start, _rotation_step, row_starts, sincos
+from ._tiles import _chunk_start, _projection_tile, _rotation_start, _rotation_step, row_starts, sincos
 from .config import (
-    BACKWARD_CONFIGS,
     KernelConfig,
+    grid_chunk,
     input_precision,
     interpreter_bf16,
     kernel_directions,
     kernel_operands,
     launch_scope,
 )
+from .tuning import tuned_config
 
-DP_CHUNK_BYTES = 32 << 20
+DP_CHUNK_BYTES = 1 << 30
 """Largest dP buffer the backward allocates (bytes); slices are processed in chunks below it."""
+DP_SHARE_OF_FREE_MEMORY = 8
+"""On a GPU the dP buffer also stays within 1/DP_SHARE_OF_FREE_MEMORY of the memory free there."""
 MAX_GRID_Y = 65535
 
 
@@ -50,6 +53,7 @@ def _ecf_backward_kernel(
     stride_xn,
     dt,
     T: tl.constexpr,
+    CHUNK_T: tl.constexpr,
     UNIFORM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -64,7 +68,7 @@ def _ecf_backward_kernel(
 
     Args:
         x_ptr: x [N, D], fp32/bf16/fp16, rows stride_xn elements apart, features contiguous.
-        a_ptr: A [D, S], fp32, contiguous (holding bf16-rounded values when UPCAST_BF16).
+        a_ptr: A [D, S], contiguous, in x's dtype (fp32 holding bf16 values when UPCAST_BF16).
         t_ptr: t [T], fp32, contiguous; read only when not UNIFORM.
         coef_ptr: coefficients [2, T, S], fp32, contiguous: [0] = (t * dL/dsin_sums)^T multiplies
             cos(t_k P), [1] = (-t * dL/dcos_sums)^T multiplies sin(t_k P).
@@ -75,6 +79,7 @@ def _ecf_backward_kernel(
         stride_xn: elements between rows of x.
         dt: grid spacing, t_k = k * dt (fp32); used when UNIFORM.
         T (constexpr): grid points.
+        CHUNK_T (constexpr): grid points per chunk (`config.grid_chunk`).
         UNIFORM (constexpr): the grid is t_k = k * dt (rotation recurrence); else direct trig of t.
         BLOCK_N, BLOCK_S, BLOCK_D (constexpr): rows and slices of a tile, features per tl.dot step.
         INPUT_PRECISION (constexpr): tl.dot precision ("tf32x3" for fp32 x, else "ieee").
@@ -101,58 +106,62 @@ def _ecf_backward_kernel(
     )
     # -- 2. dP^T = sum_k cos(t_k P) cos_coef[k] + sin(t_k P) sin_coef[k], in registers ----
     # The coefficients are a [2T, S] matrix: rows k (of cos(t_k P)) and T + k (of sin(t_k P)).
-    cos_coef = coef_ptr + cols
-    sin_coef = row_starts(cos_coef, T, S)
     grad = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     if UNIFORM:
-        # rotation recurrence: one sincos per element, then a rotation per grid point
+        # rotation recurrence, restarted from direct trig at each chunk of CHUNK_T points (one
+        # chunk when CHUNK_T == T), as the forward does
         alpha, beta = _rotation_start(p, dt)
-        cos_k = tl.zeros_like(p) + 1.0
-        sin_k = tl.zeros_like(p)
-        for k in range(T):
-            a = tl.load(cos_coef, mask=col_mask, other=0.0)
-            b = tl.load(sin_coef, mask=col_mask, other=0.0)
-            grad += cos_k * a[:, None] + sin_k * b[:, None]
-            cos_k, sin_k = _rotation_step(alpha, beta, cos_k, sin_k, k, p, dt, 1.0, T)
-            cos_coef += S
-            sin_coef += S
+        for k0 in range(0, T, CHUNK_T):
+            cos_k, sin_k = _chunk_start(p, k0, dt, 1.0, CHUNK_T == T)
+            for k in range(k0, tl.minimum(k0 + CHUNK_T, T)):
+                a = tl.load(row_starts(coef_ptr, k, S) + cols, mask=col_mask, other=0.0)
+                b = tl.load(row_starts(coef_ptr, T + k, S) + cols, mask=col_mask, other=0.0)
+                grad += cos_k * a[:, None] + sin_k * b[:, None]
+                cos_k, sin_k = _rotation_step(alpha, beta, cos_k, sin_k)
     else:
-        # any other grid: direct trig of t_k P at each point
+        # direct trig at each point
         for k in range(T):
             sin_k, cos_k = sincos(tl.load(t_ptr + k) * p)
-            a = tl.load(cos_coef, mask=col_mask, other=0.0)
-            b = tl.load(sin_coef, mask=col_mask, other=0.0)
+            a = tl.load(row_starts(coef_ptr, k, S) + cols, mask=col_mask, other=0.0)
+            b = tl.load(row_starts(coef_ptr, T + k, S) + cols, mask=col_mask, other=0.0)
             grad += cos_k * a[:, None] + sin_k * b[:, None]
-            cos_coef += S
-            sin_coef += S
     # epilogue: the tile of dP^T [chunk, N], in dP's dtype (cuBLAS then adds dP @ A^T to dx)
     out = row_starts(dp_ptr, local_cols, N)[:, None] + rows[None, :]
     tl.store(out, grad.to(dp_ptr.dtype.element_ty), mask=col_mask[:, None] & row_mask[None, :])
 
 
-def slices_per_chunk(n_rows: int, n_slices: int, itemsize: int, block_s: int) -> int:
-    """Slices per dP chunk: a multiple of block_s within DP_CHUNK_BYTES (at least one tile),
-    at most n_slices, and few enough tiles for the grid's second axis (< 65536)."""
-    tiles = max(1, DP_CHUNK_BYTES // (n_rows * itemsize * block_s))
+def dp_budget(device: torch.device) -> int:
+    """Bytes the dP buffer may take on `device`: DP_CHUNK_BYTES, and on a GPU at most a
+    1/DP_SHARE_OF_FREE_MEMORY share of its free memory (the driver's, plus what torch's caching
+    allocator holds unused)."""
+    if device.type != "cuda":
+        return DP_CHUNK_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return min(DP_CHUNK_BYTES, free // DP_SHARE_OF_FREE_MEMORY)
+
+
+def slices_per_chunk(n_rows: int, n_slices: int, itemsize: int, block_s: int, budget: int) -> int:
+    """Slices per dP chunk: a multiple of block_s whose dP [chunk, n_rows] of itemsize bytes
+    fits in budget bytes (at least one tile), at most n_slices, and few enough tiles for the
+    grid's second axis (< 65536)."""
+    tiles = max(1, budget // (n_rows * itemsize * block_s))
     return min(n_slices, min(tiles, MAX_GRID_Y) * block_s)
 
 
 def add_product(grad_x: torch.Tensor, dp: torch.Tensor, directions: torch.Tensor) -> None:
     """grad_x += dp @ directions, summed in fp32: grad_x [N, D] fp32, dp [N, chunk] fp32 or
-    bf16, directions [chunk, D] fp32 (rounded to bf16 for bf16 dp, as the kernels round A).
+    bf16, directions [chunk, D] as the kernels read A (`kernel_directions`: bf16 for bf16 dp
+    on a GPU, fp32 otherwise).
 
     For bf16 on a GPU, cuBLAS multiplies the bf16 operands on tensor cores and returns fp32
     (`out_dtype`), so no chunk's product is rounded to bf16; on the CPU (the interpreter) the
     same bf16 values are multiplied in fp32.
     """
-    if dp.dtype == torch.float32:
-        grad_x.addmm_(dp, directions)
-        return
-    directions = directions.to(dp.dtype)
-    if dp.device.type == "cpu":
+    if dp.dtype == torch.float32 or dp.device.type == "cpu":
         grad_x.addmm_(dp.float(), directions.float())
     else:
-        grad_x.add_(torch.mm(dp, directions, out_dtype=torch.float32))
+        grad_x.add_(torch.mm(dp, directions.to(dp.dtype), out_dtype=torch.float32))
 
 
 def ecf_backward(
@@ -167,20 +176,39 @@ def ecf_backward(
     """dx [N, D] in x's dtype from the gradients grad_cos, grad_sin [S, T] of the ECF sums.
 
     x: [N, D] fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes:
-    see `kernel_operands`); dt as in `ecf_forward`; config defaults to
-    BACKWARD_CONFIGS[x.dtype].
+    see `kernel_operands`); dt as in `ecf_forward`; config defaults to the tuned choice for
+    this device and shape (`tuning.tuned_config`).
     """
     x, A, t = kernel_operands(x, A, t)
-    config = config or BACKWARD_CONFIGS[x.dtype]
-    N, D = x.shape
     S, T = A.shape[1], t.numel()
     # [2, T, S]: coefficients of cos(t_k P) and sin(t_k P) in dP, contiguous along slices.
     coef = torch.stack([t * grad_sin.float(), -t * grad_cos.float()]).transpose(1, 2).contiguous()
+    directions = kernel_directions(A, x)
+    budget = dp_budget(x.device)
+
+    def launch(config: KernelConfig) -> torch.Tensor:
+        return _launch(x, directions, t, coef, dt, config, budget)
+
+    config = config or tuned_config("backward", x, S, T, dt > 0, launch)
+    return launch(config).to(x.dtype)
+
+
+def _launch(
+    x: torch.Tensor,
+    directions: torch.Tensor,
+    t: torch.Tensor,
+    coef: torch.Tensor,
+    dt: float,
+    config: KernelConfig,
+    budget: int,
+) -> torch.Tensor:
+    """dx [N, D] fp32: the kernel over chunks of slices, each followed by dx += dP @ A^T."""
+    N, D = x.shape
+    S, T = directions.shape[1], t.numel()
     dp_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-    chunk = slices_per_chunk(N, S, dp_dtype.itemsize, config.block_s)
+    chunk = slices_per_chunk(N, S, dp_dtype.itemsize, config.block_s, budget)
     dp_t = torch.empty(chunk, N, dtype=dp_dtype, device=x.device)
     grad_x = torch.zeros(N, D, dtype=torch.float32, device=x.device)
-    directions = kernel_directions(A, x)
     for start in range(0, S, chunk):
         size = min(chunk, S - start)
         grid = (triton.cdiv(N, config.block_n), triton.cdiv(size, config.block_s))
@@ -190,10 +218,10 @@ def ecf_backward(
                 N, D, S, start,  # sizes, and the chunk's first slice
                 x.stride(0),  # strides: stride_xn
                 float(dt),  # scalars: grid spacing
-                T=T, UNIFORM=dt > 0,  # constexprs: the grid
+                T=T, CHUNK_T=grid_chunk(T), UNIFORM=dt > 0,  # constexprs: the grid
                 BLOCK_N=config.block_n, BLOCK_S=config.block_s, BLOCK_D=config.block_d,  # constexprs: tile
                 INPUT_PRECISION=input_precision(x.dtype), UPCAST_BF16=interpreter_bf16(x),  # constexprs: dot
                 num_warps=config.num_warps, num_stages=config.num_stages,  # launch options
             )
-        add_product(grad_x, dp_t[:size].T, A[:, start : start + size].T)
-    return grad_x.to(x.dtype)
+        add_product(grad_x, dp_t[:size].T, directions[:, start : start + size].T)
+    return grad_x

@@ -39,22 +39,57 @@ class KernelConfig:
             raise ValueError(f"KernelConfig.num_warps must be a power of 2, got {self.num_warps}")
 
 
-# Chosen from ptxas register counts for sm_80 and sm_90 under Triton 3.6 and 3.8, for every
-# launch the tests compile (tests/test_compile_targets.py): none spills, and the largest (the
-# fp32 forward with restarts, on sm_80) uses 237 of 255 registers. fp32 tiles reach tl.dot as
-# 3xTF32 (each operand split in two), hence the narrower D step of the fp32 forward; the bf16
-# backward's 64 x 64 tile takes 8 warps (with 4 its long-grid variant needed all 255).
-_FORWARD_16BIT = KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1)
-FORWARD_CONFIGS = {
-    torch.float32: KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=8, num_stages=1),
+# The configurations `tuning` chooses from, per kernel and dtype; the first is the default
+# (the interpreter, and wherever tuning is off). Each compiles without register spills for sm_80
+# and sm_90 under Triton 3.6 and 3.8 (tests/test_compile_targets.py). With 4 warps on a 64 x 64
+# tile the warps split only the slices axis (warpsPerCTA [4, 1] for sm_90's wgmma), so the
+# forward's row sums stay inside a warp; block_s 128 x block_n 32 does the same for sm_80's mma.
+# The last of each list is the configuration before tuning existed, so no GPU can be slower.
+# fp32 tiles reach tl.dot as 3xTF32 (each operand split in two), hence narrower D steps.
+_FORWARD_16BIT = (
+    KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=2),
+    KernelConfig(block_n=32, block_s=128, block_d=32, num_warps=4, num_stages=2),
+    KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=3),
+    KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1),
+)
+FORWARD_CANDIDATES = {
+    torch.float32: (
+        KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=4, num_stages=2),
+        KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=8, num_stages=1),
+    ),
     torch.bfloat16: _FORWARD_16BIT,
     torch.float16: _FORWARD_16BIT,
 }
-BACKWARD_CONFIGS = {
-    torch.float32: KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=2),
-    torch.bfloat16: KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=2),
-    torch.float16: KernelConfig(block_n=32, block_s=32, block_d=32, num_warps=4, num_stages=2),
+BACKWARD_CANDIDATES = {
+    torch.float32: (
+        KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=3),
+        KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=2),
+    ),
+    torch.bfloat16: (
+        KernelConfig(block_n=64, block_s=64, block_d=64, num_warps=4, num_stages=3),
+        KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=3),
+        KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=2),
+    ),
+    torch.float16: (
+        KernelConfig(block_n=64, block_s=64, block_d=64, num_warps=4, num_stages=3),
+        KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=3),
+        KernelConfig(block_n=32, block_s=32, block_d=32, num_warps=4, num_stages=2),
+    ),
 }
+SINGLE_CHUNK_POINTS = 32
+"""Grids of up to this many points are walked in one chunk (the recurrence never restarts)."""
+CHUNK_POINTS = 16
+"""Longer grids are cut into chunks of at most this many points: the recurrence restarts from
+direct trig at each chunk, so its error stays that of a few rotations whatever the length."""
+
+
+def grid_chunk(n_points: int) -> int:
+    """Grid points per chunk: the whole grid up to SINGLE_CHUNK_POINTS points, else the fewest
+    chunks of at most CHUNK_POINTS, of equal length (the last may be shorter): 17 -> 17,
+    65 -> 13, 129 -> 15."""
+    if n_points <= SINGLE_CHUNK_POINTS:
+        return n_points
+    return triton.cdiv(n_points, triton.cdiv(n_points, CHUNK_POINTS))
 
 
 def interpreter_bf16(x: torch.Tensor) -> bool:
@@ -63,8 +98,11 @@ def interpreter_bf16(x: torch.Tensor) -> bool:
 
 
 def kernel_directions(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A as the kernels read it: fp32, rounded to bf16 first where the kernel cannot round it."""
-    return A.to(torch.bfloat16).float() if interpreter_bf16(x) else A
+    """A [D, S] as the kernels read it, rounded once per call: in x's dtype (fp32 holding
+    bf16-rounded values where the interpreter cannot multiply bf16; see _projection_tile)."""
+    if interpreter_bf16(x):
+        return A.to(torch.bfloat16).float()
+    return A.to(x.dtype)
 
 
 def input_precision(dtype: torch.dtype) -> str:
