@@ -33,15 +33,17 @@ other loop is the loop over grid points (T trips per tile). Per iteration the re
 barriers (BAR.SYNC; PTX bar.sync), global loads (LDG, LDGSTS: cp.async; PTX ld.global,
 cp.async), stores (STG; st.global) and atomics (ATOM, RED; atom/red.global). Trips: the grid loop
 runs T times per tile and the row loop runs each split's row blocks; the D loop's trips are solved
-from the tensor-core work, which must total 2 BLOCK_S BLOCK_N D flops per tile (3 times that for
-fp32's 3xTF32), so the pipeliner's peeled prologue and epilogue are accounted for; the report says
+from the tensor-core work, which must total 2 BLOCK_S BLOCK_N D flops per tile times the passes
+one BLOCK_D step takes (1 for 16-bit dots; fp32's 3xTF32 takes 3 HMMA passes on sm_80 and 5 HGMMA
+on sm_90 here), so a pipeliner's peeled prologue and epilogue are accounted for; the report says
 whether that came out a whole number ("d_trips_exact"), else it uses cdiv(D, BLOCK_D).
 
 Time model (sm_90 SASS, at the paper workload on an H100 SXM: 132 SMs at 1.83 GHz). Each
 instruction of a region is issued once per warp per execution of the region, and the region runs
 (programs, tiles, tiles x D trips or tiles x T times in all); every instruction counts whether its
-predicate is on or not, and branches inside a loop body are assumed taken both ways (the bodies
-here have none but the T = 129 grid's restarts, which then count every trip). The warp
+predicate is on or not. The only branches inside the loop bodies here are the grid loop's
+restarts from direct trig on grids longer than RESEED_EVERY = 32 points (T = 129: 4 of the 129
+points); what a grid loop's forward branch jumps over is counted at that rate. The warp
 instructions of each class, summed over the launch, are divided by the class's per-SM rate and
 the SM count:
   tensor cores   the flops of each HMMA (m16n8k16: 4,096 per warp) or HGMMA (m x n x k per warp
@@ -93,9 +95,10 @@ import kernel_build  # noqa: E402
 from kernel_build import CAPABILITIES, GRIDS, TRITON_TYPES, Launch  # noqa: E402
 
 from lejepa_kernels.atomic_file import atomic_write  # noqa: E402
-from lejepa_kernels.kernels import backward, config  # noqa: E402
+from lejepa_kernels.kernels import _tiles, backward, config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+RESEED_EVERY = _tiles.RESEED_EVERY.value
 PAPER = {"N": 8192, "D": 512, "S": 8192}
 """The paper workload's sizes (T from the grid kind: 17 for "uniform" and "direct")."""
 DTYPES = {name: dtype for dtype, name in TRITON_TYPES.items()}
@@ -219,6 +222,7 @@ class Loop:
     end: int
     parent: int | None = None  # index of the enclosing loop
     body: list[Instruction] | None = None  # its own instructions (not those of inner loops)
+    conditional: int = 0  # of them, those a forward branch skips (counted at the restart rate)
 
 
 def find_loops(instructions: list[Instruction]) -> tuple[list[Loop], list[Instruction]]:
@@ -358,29 +362,39 @@ def analyse(build: dict, kernel: str, dtype: str, T: int, cfg: config.KernelConf
 
     # executions of each region over the whole launch
     tiles, programs = work["tiles"], work["programs"]
-    tile_flops = 2.0 * cfg.block_s * cfg.block_n * work["D"] * (3 if dtype == "fp32" else 1)
+    step_flops = 2.0 * cfg.block_s * cfg.block_n * cfg.block_d  # one BLOCK_D step of the tile, once
 
     def flops(body):
         c = class_counts(body)
         return (c.get("flops_16bit", 0) + c.get("flops_tf32", 0)) * warps
 
     d_loops = [i for i, r in enumerate(sass_roles) if r == "d"]
-    d_trips, exact = math.ceil(work["D"] / cfg.block_d), False
+    d_trips, exact, passes = math.ceil(work["D"] / cfg.block_d), False, None
     if len(d_loops) == 1:
         d = d_loops[0]
         parent = sass_loops[d].parent
         outside = flops(sass_top if parent is None else sass_loops[parent].body)
         per_trip = flops(sass_loops[d].body)
-        solved = (tile_flops - outside) / per_trip
+        passes = max(1, round(per_trip / step_flops))  # 1 for 16-bit dots; 3xTF32 takes 3 or more
+        solved = (passes * step_flops * work["D"] / cfg.block_d - outside) / per_trip
         if abs(solved - round(solved)) < 1e-6 and round(solved) >= 0:
             d_trips, exact = round(solved), True
     executions = []
     for i, loop in enumerate(sass_loops):
         role = sass_roles[i]
         executions.append(tiles * d_trips if role == "d" else tiles if role == "row" else tiles * T)
+    # A grid loop's forward branches skip the restarts from direct trig (T > RESEED_EVERY only):
+    # what they skip runs at T // RESEED_EVERY of the T points.
+    restart_share = (T // RESEED_EVERY) / T if T > RESEED_EVERY else 1.0
+    regions = [(sass_top, programs)]
+    for loop, role, n in zip(sass_loops, sass_roles, executions):
+        skipped = _skipped(loop.body) if role == "grid" else set()
+        loop.conditional = len(skipped)
+        regions.append(([ins for ins in loop.body if ins.address not in skipped], n))
+        regions.append(([ins for ins in loop.body if ins.address in skipped], n * restart_share))
 
     totals: dict[str, float] = {}
-    for body, runs in [(sass_top, programs)] + [(loop.body, n) for loop, n in zip(sass_loops, executions)]:
+    for body, runs in regions:
         for key, value in class_counts(body).items():
             totals[key] = totals.get(key, 0.0) + value * runs * warps
     sms, clock = H100["sms"], H100["clock_hz"]
@@ -397,11 +411,21 @@ def analyse(build: dict, kernel: str, dtype: str, T: int, cfg: config.KernelConf
         "ptx_loops": [_loop_summary(loop, role, None, True) for loop, role in zip(ptx_loops, ptx_roles)],
         "d_trips": d_trips,
         "d_trips_exact": exact,
+        "tensor_passes": passes,
         "warp_instructions": {k: v for k, v in totals.items() if not k.startswith(("flops", "l2"))},
         "tensor_flops": totals.get("flops_16bit", 0) + totals.get("flops_tf32", 0),
         "l2_bytes": totals.get("l2_bytes_per_lane", 0) * 32,
         "unit_ms": times,
     }
+
+
+def _skipped(body: list[Instruction]) -> set[int]:
+    """Addresses inside a body that a forward branch of that body can jump over."""
+    out = set()
+    for ins in body:
+        if ins.target is not None and ins.target > ins.address:
+            out |= {other.address for other in body if ins.address < other.address < ins.target}
+    return out
 
 
 def _encloses(loops: list[Loop], outer: int, inner: int) -> bool:
@@ -423,6 +447,7 @@ def _loop_summary(loop: Loop, role: str, executions: float | None, ptx: bool) ->
             classes[cls] = classes.get(cls, 0) + 1
         out["classes"] = classes
         out["executions"] = executions
+        out["conditional"] = loop.conditional
     return out
 
 
