@@ -49,27 +49,29 @@ the SM count:
   tensor cores   the flops of each HMMA (m16n8k16: 4,096 per warp) or HGMMA (m x n x k per warp
                  group: a quarter per warp) at 990 TFLOP/s dense for bf16/fp16, 495 for TF32
   FP32           FFMA, FADD, FMUL: 128 lanes per clock per SM (4 warp instructions)
-  MUFU           MUFU.*: 16 lanes per clock per SM
+  MUFU           MUFU.*: 16 lanes per clock per SM (none here: `sincos` is polynomial)
   conversion     F2F, F2FP, F2I, I2F, FRND: 16 lanes per clock per SM
   integer/ALU    integer, address, compare, select, logic and move: 64 lanes per clock per SM
-  memory         global, shared and local loads and stores, atomics: 32 lanes per clock per SM
+  memory         global, shared and local (spill) loads and stores, atomics: 32 lanes per clock
   shuffle        SHFL: 32 lanes per clock per SM
   issue          every instruction but NOP: 4 schedulers, one warp instruction each per clock
+                 (barriers, branches, special-register and constant reads and the uniform
+                 datapath's U* instructions count toward issue only)
 and the DRAM time is the compulsory bytes (x, A, t and the coefficients read once, the partial
 sums or dP written once: the tiles' re-reads are assumed to hit L2) at 3.35 TB/s. The estimate
 is the largest of these (a roofline per unit; its name is the "bound"); the L2-to-SM bytes the
 SASS's global loads and stores move are reported beside it, not modelled. The model ignores
 latency (dependent chains, memory and barrier waits), occupancy and the tail wave (it assumes
 enough warps to hide latency and every SM busy), dual issue and the sharing of pipes (memory and
-shuffles both go through the MIO queue; MUFU and conversions may share a pipe), the uniform
-datapath (U* instructions count only toward issue), register-bank and shared-memory bank
+shuffles both go through the MIO queue; MUFU and conversions may share a pipe), register-bank and shared-memory bank
 conflicts, clock throttling, and the launch overheads and work outside the kernels (the forward's
 sum over splits, the backward's cuBLAS dP @ A^T, 2 N S D flops). It also treats mma.sync (HMMA)
 on sm_90 as reaching the dense peak, which Hopper reaches only with HGMMA. It is meant to compare
 variants and configurations, not to predict times to 5%.
 
 Writes OUT.md (tables) and OUT.json (every number), atomically; OUT defaults to
-benchmarks/results/<date>-kernel-report-triton<version>. Set TRITON_INTERPRET unset (compiling).
+benchmarks/results/<date>-kernel-report-triton<version>. Run it with TRITON_INTERPRET unset (the
+kernels are compiled, not interpreted).
 """
 
 from __future__ import annotations
