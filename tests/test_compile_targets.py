@@ -2,7 +2,7 @@
 
 The Triton interpreter accepts code the compiler rejects, so the kernels are also compiled to
 PTX and cubin here (no GPU needed), in a subprocess without TRITON_INTERPRET, specialised as
-real launches specialise them (tests/kernel_build.py).
+real launches specialise them (benchmarks/kernel_build.py, shared with benchmarks/kernel_report.py).
 """
 
 import json
@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("triton")
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+BENCHMARKS = HERE.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
 
 from kernel_build import CAPABILITIES, GRIDS, KERNELS, SHAPES, TRITON_TYPES  # noqa: E402
 
@@ -25,7 +26,7 @@ from kernel_build import CAPABILITIES, GRIDS, KERNELS, SHAPES, TRITON_TYPES  # n
 def builds() -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(HERE / "kernel_build.py")], env=env, capture_output=True, text=True
+        [sys.executable, str(BENCHMARKS / "kernel_build.py")], env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for line in result.stdout.splitlines()]

@@ -10,7 +10,8 @@ that very compilation (TRITON_DUMP_PTXAS_LOG, in a fresh cache), tensor-core ins
 from the SASS of its cubin.
 
 Run as a script (TRITON_INTERPRET unset: interpreted kernels cannot be compiled); prints one JSON
-object per compiled variant.
+object per compiled variant. tests/test_compile_targets.py runs it; benchmarks/kernel_report.py
+imports it (`record_launches` at any shape and configuration, `build(..., asm=True)`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -57,6 +58,8 @@ class Launch:
     divisible: tuple[str, ...]  # arguments with tt.divisibility 16
     options: tuple[tuple[str, int], ...]
     jit_agrees: bool  # the installed Triton's JIT derives the same signature, constants, attributes
+    grid: tuple[int, ...] = field(default=(), compare=False)  # the launch grid (programs per axis)
+    values: tuple[tuple[str, object], ...] = field(default=(), compare=False)  # runtime scalars
 
     def key(self) -> tuple:
         """Equal for launches that run the same binary (whatever their case)."""
@@ -108,7 +111,7 @@ def jit_specialisation(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict, s
     return signature, constants, divisible
 
 
-def record(kernel_name: str, case: tuple[str, str, str], args: tuple, kwargs: dict) -> Launch:
+def record(kernel_name: str, case: tuple[str, str, str], args: tuple, kwargs: dict, grid: tuple = ()) -> Launch:
     """The Launch of kernel(*args, **kwargs): runtime arguments come positionally, constants
     (the kernel's constexpr parameters) and options (num_warps, num_stages) by keyword."""
     names = KERNELS[kernel_name].arg_names
@@ -128,6 +131,7 @@ def record(kernel_name: str, case: tuple[str, str, str], args: tuple, kwargs: di
     return Launch(
         kernel_name, case, tuple(signature), tuple(constants.items()), tuple(divisible),
         tuple(sorted(options.items())), jit == (dict(signature), constants, set(divisible)),
+        tuple(grid), tuple((n, v) for n, v in zip(names, args) if isinstance(v, (int, float))),
     )
 
 
@@ -138,7 +142,8 @@ class _Recorder:
         self.kernel_name, self.case, self.out = kernel_name, case, out
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.out.append(record(self.kernel_name, self.case, args, kwargs))
+        grid = tuple(grid) if isinstance(grid, (tuple, list)) else (grid,)
+        return lambda *args, **kwargs: self.out.append(record(self.kernel_name, self.case, args, kwargs, grid))
 
 
 def case_launches(dtype: torch.dtype, grid: str, shape: str) -> list[Launch]:
@@ -146,17 +151,42 @@ def case_launches(dtype: torch.dtype, grid: str, shape: str) -> list[Launch]:
     kernels recorded instead of run, the device check skipped), with the forward's rows split
     over programs and the backward's slices in chunks of one tile, as on a large GPU."""
     N, D, S = SHAPES[shape]
+    return record_launches(dtype, grid, N, D, S, case=(TRITON_TYPES[dtype], grid, shape))
+
+
+def record_launches(
+    dtype: torch.dtype,
+    grid: str,
+    N: int,
+    D: int,
+    S: int,
+    *,
+    case: tuple[str, str, str],
+    forward_config: config.KernelConfig | None = None,
+    backward_config: config.KernelConfig | None = None,
+    programs: int = 64,
+    dp_chunk_bytes: int = 1,
+    kernels: tuple[str, ...] = ("forward", "backward"),
+) -> list[Launch]:
+    """The launches `forward.ecf_forward` and `backward.ecf_backward` make for x [N, D] of dtype
+    and S slices on the grid kind `grid`, with the given configurations (None: the defaults),
+    the forward aiming at `programs` programs (`program_count_target`) and the backward's dP
+    chunks at most `dp_chunk_bytes` (`DP_CHUNK_BYTES`; 1: one tile of slices per chunk). The
+    launchers run on CPU inputs with their kernels recorded instead of run and the device check
+    skipped, so the grids are those their own logic computes."""
     T = GRIDS[grid]
-    case = (TRITON_TYPES[dtype], grid, shape)
-    x = torch.randn(N, D).to(dtype)
-    A, t = random_directions(D, S, 0), quadrature(3.0, T)[0]
+    x = torch.zeros(N, D, dtype=dtype)
+    A, t = torch.zeros(D, S), quadrature(3.0, T)[0]
+    if N * D * S <= 1 << 24:
+        x, A = torch.randn(N, D).to(dtype), random_directions(D, S, 0)
     step = 0.0 if grid == "direct" else 3.0 / (T - 1)
     grad = torch.zeros(S, T)
     out: list[Launch] = []
     patches = {
         (config, "launch_device_check"): lambda *tensors: None,
-        (forward, "program_count_target"): lambda device: 64,
-        (backward, "DP_CHUNK_BYTES"): 1,
+        (forward, "program_count_target"): lambda device: programs,
+        (backward, "DP_CHUNK_BYTES"): dp_chunk_bytes,
+        (backward, "add_product"): lambda *args: None,
         (forward, "_ecf_forward_kernel"): _Recorder("forward", case, out),
         (backward, "_ecf_backward_kernel"): _Recorder("backward", case, out),
     }
@@ -164,8 +194,10 @@ def case_launches(dtype: torch.dtype, grid: str, shape: str) -> list[Launch]:
     try:
         for (module, name), value in patches.items():
             setattr(module, name, value)
-        forward.ecf_forward(x, A, t, step)
-        backward.ecf_backward(x, A, t, grad, grad, step)
+        if "forward" in kernels:
+            forward.ecf_forward(x, A, t, step, forward_config)
+        if "backward" in kernels:
+            backward.ecf_backward(x, A, t, grad, grad, step, backward_config)
     finally:
         for (module, name), value in saved.items():
             setattr(module, name, value)
@@ -188,8 +220,10 @@ def variants() -> list[tuple[Launch, int]]:
     return [(launch, capability) for launch in launches() for capability in CAPABILITIES]
 
 
-def build(launch: Launch, capability: int) -> dict:
-    """Compile one launch for sm_<capability>; its registers, spills and tensor-core ops."""
+def build(launch: Launch, capability: int, asm: bool = False) -> dict:
+    """Compile one launch for sm_<capability>; its registers, spills, shared memory (bytes,
+    Triton's allocation) and tensor-core ops; with asm, also its "ptx" and "sass" text. The
+    ptxas log is read from stdout: set TRITON_DUMP_PTXAS_LOG=1 and a fresh TRITON_CACHE_DIR."""
     constants = dict(launch.constants)
     attrs = {
         (index,): [["tt.divisibility", 16]]
@@ -224,8 +258,11 @@ def build(launch: Launch, capability: int) -> dict:
         "stack": int(re.search(r"(\d+) bytes stack frame", ptxas).group(1)),
         "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
         "tensor_core_ops": len(re.findall(r"\b(?:HMMA|HGMMA)\.", sass)),
+        "shared": int(compiled.metadata.shared),
+        "num_warps": int(compiled.metadata.num_warps),
         "specialisation": launch.describe(),
         "jit_agrees": launch.jit_agrees,
+        **({"ptx": compiled.asm["ptx"], "sass": sass} if asm else {}),
     }
 
 

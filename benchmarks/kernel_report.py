@@ -1,0 +1,695 @@
+"""Kernel report: resources, steady-state loops and a modelled H100 time for each kernel variant.
+
+    python benchmarks/kernel_report.py                        # every dtype x grid, sm_80 and sm_90
+    python benchmarks/kernel_report.py --dtypes bf16 --grids uniform \\
+        --config forward:bf16:64,64,64,4,2 --config backward:bf16:64,64,64,4,3   # compare candidates
+
+No GPU is needed. Each variant (kernel x dtype x grid kind x configuration) is launched by the
+real launchers (`forward.ecf_forward`, `backward.ecf_backward`) at the paper workload's sizes,
+N = 8192 rows, D = 512 features, S = 8192 slices (T = 17 points, or 129 for the "uniform_long"
+grid), on CPU tensors with the kernels recorded instead of run (benchmarks/kernel_build.py): the
+forward aims at 4 programs per SM on 132 SMs (`program_count_target`) and the backward cuts its
+slices in DP_CHUNK_BYTES chunks, so grids and program counts are the launchers' own. Each recorded
+launch is specialised as Triton's JIT specialises it and compiled for sm_80 and sm_90; the report
+reads registers and spills from the ptxas log, shared memory from Triton's metadata, and the
+instructions from the SASS (cuobjdump) and the PTX. Configurations come from
+`lejepa_kernels.kernels.config` (FORWARD_CONFIGS, BACKWARD_CONFIGS); `--config
+KERNEL:DTYPE:BLOCK_N,BLOCK_S,BLOCK_D,NUM_WARPS,NUM_STAGES` adds candidates.
+
+Resident blocks per SM: the least of what registers, shared memory and warps allow, and 32.
+Both sm_80 (A100) and sm_90 (H100) have 65,536 32-bit registers per SM in 4 sub-partitions of
+16,384, at most 64 warps and 32 blocks per SM; registers are allocated per warp in units of 256
+(the per-thread count rounded up to a multiple of 8), and a warp's registers sit in one
+sub-partition, so registers allow 4 * floor(16384 / per-warp registers) warps. Shared memory per
+SM: 164 KiB on sm_80, 228 KiB on sm_90, with 1 KiB reserved per block and allocations rounded to
+128 bytes.
+
+Loops: the SASS is one instruction stream that every warp runs. A branch to a lower address
+closes a loop spanning [target, branch]; loops nest by containment, and each instruction belongs
+to the innermost loop holding it (the PTX is read the same way, by `bra` to an earlier label).
+The loop whose own body holds the tensor-core instructions is the D loop (the projection tile's
+walk over features); the forward's loop around it is the row-block loop (one tile per trip); any
+other loop is the loop over grid points (T trips per tile). Per iteration the report counts
+barriers (BAR.SYNC; PTX bar.sync), global loads (LDG, LDGSTS: cp.async; PTX ld.global,
+cp.async), stores (STG; st.global) and atomics (ATOM, RED; atom/red.global). Trips: the grid loop
+runs T times per tile and the row loop runs each split's row blocks; the D loop's trips are solved
+from the tensor-core work, which must total 2 BLOCK_S BLOCK_N D flops per tile times the passes
+one BLOCK_D step takes (1 for 16-bit dots; fp32's 3xTF32 takes 3 HMMA passes on sm_80 and 5 HGMMA
+on sm_90 here), so a pipeliner's peeled prologue and epilogue are accounted for; the report says
+whether that came out a whole number ("d_trips_exact"), else it uses cdiv(D, BLOCK_D).
+
+Time model (sm_90 SASS, at the paper workload on an H100 SXM: 132 SMs at 1.83 GHz). Each
+instruction of a region is issued once per warp per execution of the region, and the region runs
+(programs, tiles, tiles x D trips or tiles x T times in all); every instruction counts whether its
+predicate is on or not. The only branches inside the loop bodies here are the grid loop's
+restarts from direct trig on grids longer than RESEED_EVERY = 32 points (T = 129: 4 of the 129
+points); what a grid loop's forward branch jumps over is counted at that rate. The warp
+instructions of each class, summed over the launch, are divided by the class's per-SM rate and
+the SM count:
+  tensor cores   the flops of each HMMA (m16n8k16: 4,096 per warp) or HGMMA (m x n x k per warp
+                 group: a quarter per warp) at 990 TFLOP/s dense for bf16/fp16, 495 for TF32
+  FP32           FFMA, FADD, FMUL: 128 lanes per clock per SM (4 warp instructions)
+  MUFU           MUFU.*: 16 lanes per clock per SM (none here: `sincos` is polynomial)
+  conversion     F2F, F2FP, F2I, I2F, FRND: 16 lanes per clock per SM
+  integer/ALU    integer, address, compare, select, logic and move: 64 lanes per clock per SM
+  memory         global, shared and local (spill) loads and stores, atomics: 32 lanes per clock
+  shuffle        SHFL: 32 lanes per clock per SM
+  issue          every instruction but NOP: 4 schedulers, one warp instruction each per clock
+                 (barriers, branches, special-register and constant reads and the uniform
+                 datapath's U* instructions count toward issue only)
+and the DRAM time is the compulsory bytes (x, A, t and the coefficients read once, the partial
+sums or dP written once: the tiles' re-reads are assumed to hit L2) at 3.35 TB/s. The estimate
+is the largest of these (a roofline per unit; its name is the "bound"); the L2-to-SM bytes the
+SASS's global loads and stores move are reported beside it, not modelled. The model ignores
+latency (dependent chains, memory and barrier waits), occupancy and the tail wave (it assumes
+enough warps to hide latency and every SM busy), dual issue and the sharing of pipes (memory and
+shuffles both go through the MIO queue; MUFU and conversions may share a pipe), register-bank and shared-memory bank
+conflicts, clock throttling, and the launch overheads and work outside the kernels (the forward's
+sum over splits, the backward's cuBLAS dP @ A^T, 2 N S D flops). It also treats mma.sync (HMMA)
+on sm_90 as reaching the dense peak, which Hopper reaches only with HGMMA. It is meant to compare
+variants and configurations, not to predict times to 5%.
+
+Writes OUT.md (tables) and OUT.json (every number), atomically; OUT defaults to
+benchmarks/results/<date>-kernel-report-triton<version>. Run it with TRITON_INTERPRET unset (the
+kernels are compiled, not interpreted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import kernel_build  # noqa: E402
+from kernel_build import CAPABILITIES, GRIDS, TRITON_TYPES, Launch  # noqa: E402
+
+from lejepa_kernels.atomic_file import atomic_write  # noqa: E402
+from lejepa_kernels.kernels import _tiles, backward, config  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+RESEED_EVERY = _tiles.RESEED_EVERY.value
+PAPER = {"N": 8192, "D": 512, "S": 8192}
+"""The paper workload's sizes (T from the grid kind: 17 for "uniform" and "direct")."""
+DTYPES = {name: dtype for dtype, name in TRITON_TYPES.items()}
+
+H100 = {"sms": 132, "clock_hz": 1.83e9, "dram_bytes_per_s": 3.35e12, "issue_per_clock": 4}
+"""H100 SXM: SMs, boost clock, DRAM bandwidth, warp instructions issued per clock per SM."""
+TENSOR_FLOPS = {"16bit": 990e12, "tf32": 495e12}
+"""Dense tensor-core peaks of the whole H100 SXM (flop/s)."""
+LANES = {"fp32": 128, "mufu": 16, "conversion": 16, "alu": 64, "memory": 32, "shuffle": 32}
+"""Per-SM lanes per clock of each instruction class (a warp instruction takes 32 lanes)."""
+SM_LIMITS = {
+    80: {"gpu": "A100", "registers": 65536, "warps": 64, "blocks": 32, "shared": 164 * 1024},
+    90: {"gpu": "H100", "registers": 65536, "warps": 64, "blocks": 32, "shared": 228 * 1024},
+}
+"""Per-SM limits by capability (registers in 4 sub-partitions; 1 KiB of shared memory reserved
+per block; registers allocated per warp in units of 256; shared memory in units of 128 bytes)."""
+RESERVED_SHARED, SHARED_UNIT, REGISTER_UNIT = 1024, 128, 256
+
+TENSOR = {"HMMA", "HGMMA", "IMMA", "BMMA", "DMMA"}
+FP32 = {"FFMA", "FADD", "FMUL", "FFMA32I", "FADD32I", "FMUL32I"}
+CONVERSION = {"F2F", "F2FP", "F2I", "I2F", "FRND", "I2FP", "F2IP"}
+GLOBAL_LOADS = {"LDG", "LDGSTS", "UTMALDG", "LD"}
+GLOBAL_STORES = {"STG", "UTMASTG", "ST"}
+ATOMICS = {"ATOM", "ATOMG", "RED", "REDG"}
+MEMORY = GLOBAL_LOADS | GLOBAL_STORES | ATOMICS | {"LDS", "STS", "LDSM", "STSM", "ATOMS", "LDL", "STL"}
+CONTROL = {
+    "BRA", "BRX", "JMP", "EXIT", "BSSY", "BSYNC", "WARPSYNC", "CALL", "RET", "YIELD", "NOP",
+    "DEPBAR", "WARPGROUP", "BPT", "KILL", "ELECT", "ERRBAR", "CCTL", "FENCE", "ACQBULK", "SYNCS",
+}
+OTHER = {"S2R", "S2UR", "R2UR", "LDC", "CS2R", "B2R", "R2B", "VOTEU"}
+"""Issue-only: special-register and constant reads, and the uniform datapath (U* opcodes)."""
+WIDTHS = {"128": 16, "64": 8, "32": 4, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def sass_class(opcode: str) -> str:
+    """The unit an SASS opcode (e.g. "HMMA.16816.F32.BF16") runs on, in the model's classes."""
+    base = opcode.split(".")[0]
+    if base in TENSOR:
+        return "tensor"
+    if base in FP32:
+        return "fp32"
+    if base == "MUFU":
+        return "mufu"
+    if base in CONVERSION:
+        return "conversion"
+    if base in MEMORY:
+        return "memory"
+    if base == "SHFL":
+        return "shuffle"
+    if base in ("BAR", "MEMBAR"):
+        return "barrier"
+    if base in CONTROL:
+        return "control"
+    if base in OTHER or base.startswith("U"):
+        return "other"
+    return "alu"
+
+
+def tensor_flops(opcode: str) -> tuple[float, str]:
+    """(flops per warp instruction, "16bit" or "tf32") of an HMMA or HGMMA opcode."""
+    parts = opcode.split(".")
+    kind = "tf32" if "TF32" in parts else "16bit"
+    if parts[0] == "HGMMA":  # HGMMA.64x32x16.F32.BF16: one warp group's m x n x k, a quarter per warp
+        m, n, k = (int(v) for v in parts[1].split("x"))
+        return 2.0 * m * n * k / 4, kind
+    shape = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "168": (16, 8, 8)}[parts[1]]
+    return 2.0 * math.prod(shape), kind
+
+
+@dataclass
+class Instruction:
+    address: int
+    opcode: str  # the full opcode, e.g. LDG.E.128 (no predicate)
+    target: int | None = None  # a branch's target address
+
+
+def parse_sass(sass: str) -> list[Instruction]:
+    """The instructions of cuobjdump -sass output (one kernel), with branch targets."""
+    out = []
+    for match in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass):
+        text = re.sub(r"^@!?U?P\w+\s+", "", match.group(2).strip())
+        opcode = text.split()[0] if text else "NOP"
+        target = None
+        if opcode.split(".")[0] in ("BRA", "JMP"):
+            found = re.search(r"0x([0-9a-f]+)", text)
+            target = int(found.group(1), 16) if found else None
+        out.append(Instruction(int(match.group(1), 16), opcode, target))
+    return out
+
+
+def parse_ptx(ptx: str) -> list[Instruction]:
+    """The PTX instructions of a kernel, numbered in order, with `bra` targets as numbers."""
+    labels, pending, body = {}, [], []
+    for line in ptx.splitlines():
+        line = line.split("//")[0].strip()
+        label = re.match(r"^(\$L__\w+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        if not line.endswith(";") or line.startswith("."):
+            continue
+        text = re.sub(r"^@!?%p\w*\s+", "", line)
+        for name in pending:
+            labels[name] = len(body)
+        pending = []
+        body.append(text)
+    out = []
+    for index, text in enumerate(body):
+        opcode = text.split()[0].rstrip(";")
+        target = None
+        if opcode.startswith("bra"):
+            found = re.search(r"(\$L__\w+)", text)
+            target = labels.get(found.group(1)) if found else None
+        out.append(Instruction(index, opcode, target))
+    return out
+
+
+@dataclass
+class Loop:
+    start: int
+    end: int
+    parent: int | None = None  # index of the enclosing loop
+    body: list[Instruction] | None = None  # its own instructions (not those of inner loops)
+    conditional: int = 0  # of them, those a forward branch skips (counted at the restart rate)
+
+
+def find_loops(instructions: list[Instruction]) -> tuple[list[Loop], list[Instruction]]:
+    """(loops, top-level instructions): every backward branch closes a loop [target, branch]
+    (back edges to one header merge); each instruction goes to the innermost loop holding it."""
+    ends: dict[int, int] = {}
+    for ins in instructions:
+        if ins.target is not None and ins.target < ins.address:
+            ends[ins.target] = max(ends.get(ins.target, ins.address), ins.address)
+    loops = [Loop(start, end) for start, end in sorted(ends.items())]
+    for i, loop in enumerate(loops):
+        holders = [j for j, other in enumerate(loops) if j != i and other.start <= loop.start and loop.end <= other.end]
+        loop.parent = min(holders, key=lambda j: loops[j].end - loops[j].start) if holders else None
+        loop.body = []
+    top = []
+    for ins in instructions:
+        holders = [j for j, loop in enumerate(loops) if loop.start <= ins.address <= loop.end]
+        if holders:
+            loops[min(holders, key=lambda j: loops[j].end - loops[j].start)].body.append(ins)
+        else:
+            top.append(ins)
+    return loops, top
+
+
+def memory_counts(body: list[Instruction], ptx: bool = False) -> dict[str, int]:
+    """Barriers, global loads, stores and atomics among a body's instructions."""
+    counts = {"barriers": 0, "global_loads": 0, "global_stores": 0, "atomics": 0}
+    for ins in body:
+        op = ins.opcode
+        if ptx:
+            key = (
+                "barriers" if op.startswith(("bar.sync", "barrier.sync", "bar.", "barrier."))
+                else "global_loads" if op.startswith(("ld.global", "cp.async.ca.shared.global", "cp.async.cg"))
+                else "global_stores" if op.startswith("st.global")
+                else "atomics" if op.startswith(("atom.global", "red.global", "atom.", "red."))
+                else None
+            )
+        else:
+            base = op.split(".")[0]
+            key = (
+                "barriers" if op.startswith("BAR.SYNC") or op.startswith("BAR.RED")
+                else "global_loads" if base in GLOBAL_LOADS
+                else "global_stores" if base in GLOBAL_STORES
+                else "atomics" if base in ATOMICS
+                else None
+            )
+        if key:
+            counts[key] += 1
+    return counts
+
+
+def class_counts(body: list[Instruction]) -> dict[str, float]:
+    """Instructions per class (issue: all but NOP), tensor flops by kind, and global bytes per lane."""
+    counts: dict[str, float] = {}
+    for ins in body:
+        cls = sass_class(ins.opcode)
+        counts[cls] = counts.get(cls, 0) + 1
+        if ins.opcode != "NOP":
+            counts["issue"] = counts.get("issue", 0) + 1
+        if cls == "tensor":
+            flops, kind = tensor_flops(ins.opcode)
+            counts["flops_" + kind] = counts.get("flops_" + kind, 0) + flops
+        base = ins.opcode.split(".")[0]
+        if base in GLOBAL_LOADS | GLOBAL_STORES | ATOMICS:
+            width = next((WIDTHS[p] for p in ins.opcode.split(".")[1:] if p in WIDTHS), 4)
+            counts["l2_bytes_per_lane"] = counts.get("l2_bytes_per_lane", 0) + width
+    return counts
+
+
+def blocks_per_sm(registers: int, shared: int, warps: int, capability: int) -> dict:
+    """Resident blocks per SM allowed by registers, shared memory and warps, and the least."""
+    limits = SM_LIMITS[capability]
+    per_warp = math.ceil(registers * 32 / REGISTER_UNIT) * REGISTER_UNIT
+    by_registers = 4 * ((limits["registers"] // 4) // per_warp) // warps
+    by_shared = limits["shared"] // (math.ceil(shared / SHARED_UNIT) * SHARED_UNIT + RESERVED_SHARED)
+    by_warps = limits["warps"] // warps
+    least = min(by_registers, by_shared, by_warps, limits["blocks"])
+    names = {"registers": by_registers, "shared": by_shared, "warps": by_warps, "blocks": limits["blocks"]}
+    return {
+        "blocks_per_sm": least,
+        "blocks_by": names,
+        "limited_by": [n for n, v in names.items() if v == least],
+        "warps_per_sm": least * warps,
+    }
+
+
+def workload(launches: list[Launch], kernel: str, cfg: config.KernelConfig) -> dict:
+    """Programs, tiles and bytes of a kernel's launches at the paper workload."""
+    values = dict(launches[0].values)
+    N, D, S = values["N"], values["D"], values["S"]
+    programs = sum(math.prod(launch.grid) for launch in launches)
+    if kernel == "forward":
+        (launch,) = launches
+        slice_tiles, splits = launch.grid
+        per_split = values["rows_per_split"]
+        row_blocks = [math.ceil(min(per_split, N - j * per_split) / cfg.block_n) for j in range(splits)]
+        tiles = slice_tiles * sum(row_blocks)
+    else:
+        tiles = programs
+    return {"N": N, "D": D, "S": S, "launches": len(launches), "programs": programs, "tiles": tiles,
+            "grids": [list(launch.grid) for launch in launches]}
+
+
+def dram_bytes(kernel: str, dtype: str, T: int, work: dict, launches: list[Launch]) -> int:
+    """Compulsory DRAM bytes: inputs read once, outputs written once."""
+    N, D, S = work["N"], work["D"], work["S"]
+    itemsize = DTYPES[dtype].itemsize
+    read = N * D * itemsize + D * S * 4 + T * 4
+    if kernel == "forward":
+        splits = launches[0].grid[1]
+        return read + splits * 2 * T * S * 4
+    dp_itemsize = 2 if dtype == "bf16" else 4
+    return read + 2 * T * S * 4 + N * S * dp_itemsize
+
+
+def analyse(build: dict, kernel: str, dtype: str, T: int, cfg: config.KernelConfig, work: dict) -> dict:
+    """Loops, per-iteration counts and (on sm_90) the modelled H100 time of one compiled variant."""
+    sass_loops, sass_top = find_loops(parse_sass(build["sass"]))
+    ptx_loops, _ = find_loops(parse_ptx(build["ptx"]))
+    warps = build["num_warps"]
+
+    def role_of(loops: list[Loop], tensor_test) -> list[str]:
+        d = [i for i, loop in enumerate(loops) if any(tensor_test(ins.opcode) for ins in loop.body)]
+        d_index = d[0] if len(d) == 1 else None
+        roles = []
+        for i, loop in enumerate(loops):
+            if i == d_index:
+                roles.append("d")
+            elif d_index is not None and _encloses(loops, i, d_index):
+                roles.append("row")
+            else:
+                roles.append("grid")
+        return roles
+
+    sass_roles = role_of(sass_loops, lambda op: op.split(".")[0] in TENSOR)
+    ptx_roles = role_of(ptx_loops, lambda op: op.startswith(("mma", "wgmma.mma_async")))
+
+    # executions of each region over the whole launch
+    tiles, programs = work["tiles"], work["programs"]
+    step_flops = 2.0 * cfg.block_s * cfg.block_n * cfg.block_d  # one BLOCK_D step of the tile, once
+
+    def flops(body):
+        c = class_counts(body)
+        return (c.get("flops_16bit", 0) + c.get("flops_tf32", 0)) * warps
+
+    d_loops = [i for i, r in enumerate(sass_roles) if r == "d"]
+    d_trips, exact, passes = math.ceil(work["D"] / cfg.block_d), False, None
+    if len(d_loops) == 1:
+        d = d_loops[0]
+        parent = sass_loops[d].parent
+        outside = flops(sass_top if parent is None else sass_loops[parent].body)
+        per_trip = flops(sass_loops[d].body)
+        passes = max(1, round(per_trip / step_flops))  # 1 for 16-bit dots; 3xTF32 takes 3 or more
+        solved = (passes * step_flops * work["D"] / cfg.block_d - outside) / per_trip
+        if abs(solved - round(solved)) < 1e-6 and round(solved) >= 0:
+            d_trips, exact = round(solved), True
+    executions = []
+    for i, loop in enumerate(sass_loops):
+        role = sass_roles[i]
+        executions.append(tiles * d_trips if role == "d" else tiles if role == "row" else tiles * T)
+    # A grid loop's forward branches skip the restarts from direct trig (T > RESEED_EVERY only):
+    # what they skip runs at T // RESEED_EVERY of the T points.
+    restart_share = (T // RESEED_EVERY) / T if T > RESEED_EVERY else 1.0
+    regions = [(sass_top, programs)]
+    for loop, role, n in zip(sass_loops, sass_roles, executions):
+        skipped = _skipped(loop.body) if role == "grid" else set()
+        loop.conditional = len(skipped)
+        regions.append(([ins for ins in loop.body if ins.address not in skipped], n))
+        regions.append(([ins for ins in loop.body if ins.address in skipped], n * restart_share))
+
+    totals: dict[str, float] = {}
+    for body, runs in regions:
+        for key, value in class_counts(body).items():
+            totals[key] = totals.get(key, 0.0) + value * runs * warps
+    sms, clock = H100["sms"], H100["clock_hz"]
+    times = {
+        "tensor": 1e3 * (totals.get("flops_16bit", 0) / TENSOR_FLOPS["16bit"] + totals.get("flops_tf32", 0)
+                         / TENSOR_FLOPS["tf32"]),
+        **{cls: 1e3 * totals.get(cls, 0) * 32 / (lanes * sms * clock) for cls, lanes in LANES.items()},
+        "issue": 1e3 * totals.get("issue", 0) / (H100["issue_per_clock"] * sms * clock),
+    }
+    return {
+        "sass_loops": [
+            _loop_summary(loop, role, n, False) for loop, role, n in zip(sass_loops, sass_roles, executions)
+        ],
+        "ptx_loops": [_loop_summary(loop, role, None, True) for loop, role in zip(ptx_loops, ptx_roles)],
+        "d_trips": d_trips,
+        "d_trips_exact": exact,
+        "tensor_passes": passes,
+        "warp_instructions": {k: v for k, v in totals.items() if not k.startswith(("flops", "l2"))},
+        "tensor_flops": totals.get("flops_16bit", 0) + totals.get("flops_tf32", 0),
+        "l2_bytes": totals.get("l2_bytes_per_lane", 0) * 32,
+        "unit_ms": times,
+    }
+
+
+def _skipped(body: list[Instruction]) -> set[int]:
+    """Addresses inside a body that a forward branch of that body can jump over."""
+    out = set()
+    for ins in body:
+        if ins.target is not None and ins.target > ins.address:
+            out |= {other.address for other in body if ins.address < other.address < ins.target}
+    return out
+
+
+def _encloses(loops: list[Loop], outer: int, inner: int) -> bool:
+    parent = loops[inner].parent
+    while parent is not None:
+        if parent == outer:
+            return True
+        parent = loops[parent].parent
+    return False
+
+
+def _loop_summary(loop: Loop, role: str, executions: float | None, ptx: bool) -> dict:
+    out = {"role": role, "start": loop.start, "end": loop.end, "instructions": len(loop.body),
+           **memory_counts(loop.body, ptx)}
+    if not ptx:
+        classes: dict[str, int] = {}
+        for ins in loop.body:
+            cls = sass_class(ins.opcode)
+            classes[cls] = classes.get(cls, 0) + 1
+        out["classes"] = classes
+        out["executions"] = executions
+        out["conditional"] = loop.conditional
+    return out
+
+
+# -- variants, compilation and the report ----
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str
+    dtype: str
+    grid: str
+    config: config.KernelConfig
+    source: str  # "default" (config.py) or "candidate" (--config)
+
+    def label(self) -> str:
+        c = self.config
+        return f"{c.block_n},{c.block_s},{c.block_d},{c.num_warps},{c.num_stages}"
+
+
+def paper_launches(variant: Variant, sms: int = H100["sms"]) -> list[Launch]:
+    """The variant's launches at the paper sizes, with the launchers' grid logic on an H100."""
+    dtype = DTYPES[variant.dtype]
+    key = "forward_config" if variant.kernel == "forward" else "backward_config"
+    launches = kernel_build.record_launches(
+        dtype, variant.grid, PAPER["N"], PAPER["D"], PAPER["S"],
+        case=(variant.dtype, variant.grid, "paper"), programs=4 * sms,
+        dp_chunk_bytes=backward.DP_CHUNK_BYTES, kernels=(variant.kernel,), **{key: variant.config},
+    )
+    keys = {launch.key() for launch in launches}
+    assert len(keys) == 1, f"{variant}: the launches compile to {len(keys)} binaries"
+    return launches
+
+
+def report_one(job: tuple[Variant, int]) -> dict:
+    variant, capability = job
+    launches = paper_launches(variant)
+    build = kernel_build.build(launches[0], capability, asm=True)
+    T = GRIDS[variant.grid]
+    work = workload(launches, variant.kernel, variant.config)
+    result = {
+        "kernel": variant.kernel, "dtype": variant.dtype, "grid": variant.grid, "T": T,
+        "config": variant.label(), "source": variant.source, "capability": capability,
+        "gpu": SM_LIMITS[capability]["gpu"], "triton": triton.__version__,
+        **{k: build[k] for k in ("registers", "spill_bytes", "stack", "shared", "num_warps", "specialisation",
+                                 "jit_agrees")},
+        **blocks_per_sm(build["registers"], build["shared"], build["num_warps"], capability),
+        "workload": work,
+    }
+    result["waves"] = work["programs"] / (max(result["blocks_per_sm"], 1) * H100["sms"]) / work["launches"]
+    analysis = analyse(build, variant.kernel, variant.dtype, T, variant.config, work)
+    result.update(analysis)
+    result["dram_bytes"] = dram_bytes(variant.kernel, variant.dtype, T, work, launches)
+    if capability == 90:
+        times = dict(result["unit_ms"])
+        times["dram"] = 1e3 * result["dram_bytes"] / H100["dram_bytes_per_s"]
+        result["unit_ms"] = times
+        bound = max(times, key=times.get)
+        result["estimate_ms"], result["bound"] = times[bound], bound
+    else:
+        result.pop("unit_ms")
+    return result
+
+
+def parse_config(text: str) -> Variant:
+    """KERNEL:DTYPE:BLOCK_N,BLOCK_S,BLOCK_D,NUM_WARPS,NUM_STAGES -> a candidate (grid set later)."""
+    try:
+        kernel, dtype, numbers = text.split(":")
+        values = [int(v) for v in numbers.split(",")]
+        assert kernel in ("forward", "backward") and dtype in DTYPES and len(values) == 5
+    except (ValueError, AssertionError):
+        raise argparse.ArgumentTypeError(
+            f"--config takes KERNEL:DTYPE:BLOCK_N,BLOCK_S,BLOCK_D,NUM_WARPS,NUM_STAGES "
+            f"(forward|backward, {'|'.join(DTYPES)}), got {text!r}"
+        ) from None
+    return Variant(kernel, dtype, "", config.KernelConfig(*values), "candidate")
+
+
+def variants(args) -> list[Variant]:
+    out = []
+    if not args.only_candidates:
+        for kernel in args.kernels:
+            table = config.FORWARD_CONFIGS if kernel == "forward" else config.BACKWARD_CONFIGS
+            for dtype in args.dtypes:
+                for grid in args.grids:
+                    out.append(Variant(kernel, dtype, grid, table[DTYPES[dtype]], "default"))
+    for candidate in args.config:
+        for grid in args.grids:
+            v = Variant(candidate.kernel, candidate.dtype, grid, candidate.config, "candidate")
+            if not any(o.kernel == v.kernel and o.dtype == v.dtype and o.grid == grid and o.config == v.config
+                       for o in out):
+                out.append(v)
+    return out
+
+
+def markdown(results: list[dict], header: dict) -> str:
+    def fmt(x, digits=3):
+        return f"{x:.{digits}f}"
+
+    def name(r):
+        star = "*" if r["source"] == "candidate" else ""
+        return f"{r['kernel']} | {r['dtype']} | {r['grid']} | {r['config']}{star}"
+
+    def counts(loop):
+        if loop is None:
+            return "-"
+        return f"{loop['instructions']} / {loop['barriers']} / {loop['global_loads']} / " \
+               f"{loop['global_stores']} / {loop['atomics']}"
+
+    def find(loops, role):
+        found = [loop for loop in loops if loop["role"] == role]
+        return found[0] if len(found) == 1 else None if not found else {
+            k: sum(loop[k] for loop in found)
+            for k in ("instructions", "barriers", "global_loads", "global_stores", "atomics")}
+
+    lines = [
+        f"# Kernel report: triton {header['triton']}, torch {header['torch']}, {header['date']}",
+        "",
+        "Compiled on the CPU (no GPU) for sm_80 and sm_90 at the paper workload's sizes, N = "
+        f"{PAPER['N']}, D = {PAPER['D']}, S = {PAPER['S']} (T = 17; 129 for uniform_long), with the "
+        "launchers' grids (forward: 4 programs per SM on 132 SMs; backward: DP_CHUNK_BYTES chunks). "
+        "Config: block_n, block_s, block_d, num_warps, num_stages. Model and method: the docstring of "
+        "benchmarks/kernel_report.py.",
+        "",
+        "## Resources and occupancy",
+        "",
+        "Blocks/SM: resident blocks per SM from registers, shared memory and warps (the limits: "
+        "65,536 registers, 64 warps, 32 blocks per SM; shared memory 164 KiB on sm_80 / A100, "
+        "228 KiB on sm_90 / H100, 1 KiB reserved per block). Waves: programs per launch over "
+        "(blocks/SM x 132 SMs).",
+        "",
+        "| kernel | dtype | grid | config | sm | registers | spill B | shared B | blocks/SM (limit) "
+        "| warps/SM | programs | waves |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {name(r)} | {r['capability']} | {r['registers']} | {r['spill_bytes']} | {r['shared']} "
+            f"| {r['blocks_per_sm']} ({', '.join(r['limited_by'])}) | {r['warps_per_sm']} "
+            f"| {r['workload']['programs']} | {fmt(r['waves'], 2)} |"
+        )
+    lines += [
+        "",
+        "## Steady-state loops",
+        "",
+        "Per iteration of each loop, per warp: SASS instructions / BAR.SYNC / global loads (LDG, "
+        "LDGSTS) / global stores (STG) / atomics, then the PTX's bar.sync / ld.global+cp.async / "
+        "st.global / atom+red. D loop: the projection tile's walk over features (its trips per "
+        "tile solved from the tensor-core work; `~`: not exact, cdiv(D, block_d) used); grid loop: "
+        "the T grid points; row loop (forward): one row block (tile) per trip, its own instructions "
+        "only. `-`: no such loop (unrolled or absent).",
+        "",
+        "| kernel | dtype | grid | config | sm | D trips | D loop SASS | D loop PTX | grid loop SASS "
+        "| grid loop PTX | row loop SASS | row loop PTX |",
+        "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def ptx_counts(loop):
+        if loop is None:
+            return "-"
+        return f"{loop['barriers']} / {loop['global_loads']} / {loop['global_stores']} / {loop['atomics']}"
+
+    for r in results:
+        cells = []
+        for role in ("d", "grid", "row"):
+            cells += [counts(find(r["sass_loops"], role)), ptx_counts(find(r["ptx_loops"], role))]
+        lines.append(
+            f"| {name(r)} | {r['capability']} | {r['d_trips']}{'' if r['d_trips_exact'] else '~'} | "
+            + " | ".join(cells) + " |"
+        )
+    units = ["tensor", "fp32", "mufu", "conversion", "alu", "memory", "shuffle", "issue", "dram"]
+    lines += [
+        "",
+        "## Modelled H100 SXM time at the paper workload (sm_90 SASS)",
+        "",
+        "Milliseconds each unit needs for the whole kernel (all its launches), the estimate being "
+        "the largest (bound). Latency, occupancy, dual issue and the work outside the kernels are "
+        "ignored (docstring). L2 GB: bytes moved by the SASS's global loads and stores.",
+        "",
+        "| kernel | dtype | grid | config | " + " | ".join(units) + " | L2 GB | estimate ms | bound |",
+        "| --- | --- | --- | --- | " + " | ".join("---:" for _ in units) + " | ---: | ---: | --- |",
+    ]
+    timed = [r for r in results if r["capability"] == 90]
+    for r in sorted(timed, key=lambda r: (r["kernel"], r["dtype"], r["grid"], r["source"] != "default",
+                                          r["estimate_ms"])):
+        lines.append(
+            f"| {name(r)} | " + " | ".join(fmt(r["unit_ms"][u]) for u in units)
+            + f" | {fmt(r['l2_bytes'] / 1e9, 2)} | **{fmt(r['estimate_ms'])}** | {r['bound']} |"
+        )
+    lines += ["", "`*`: a candidate given with --config (not in kernels/config.py).", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output path stem (writes STEM.md and STEM.json); default "
+                             "benchmarks/results/<date>-kernel-report-triton<version>")
+    parser.add_argument("--config", type=parse_config, action="append", default=[],
+                        help="a candidate KERNEL:DTYPE:BLOCK_N,BLOCK_S,BLOCK_D,NUM_WARPS,NUM_STAGES (repeatable)")
+    parser.add_argument("--only-candidates", action="store_true", help="skip config.py's configurations")
+    parser.add_argument("--kernels", default="forward,backward", type=lambda s: s.split(","))
+    parser.add_argument("--dtypes", default=",".join(DTYPES), type=lambda s: s.split(","))
+    parser.add_argument("--grids", default=",".join(GRIDS), type=lambda s: s.split(","))
+    parser.add_argument("--capabilities", default=",".join(map(str, CAPABILITIES)),
+                        type=lambda s: [int(v) for v in s.split(",")])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args(argv)
+    if config.interpreting():
+        sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    choices = (
+        ("--kernels", args.kernels, ("forward", "backward")), ("--dtypes", args.dtypes, DTYPES),
+        ("--grids", args.grids, GRIDS), ("--capabilities", args.capabilities, SM_LIMITS),
+    )
+    for option, given, allowed in choices:
+        bad = [v for v in given if v not in allowed]
+        if bad:
+            parser.error(f"{option}: unknown {bad}; choose from {list(allowed)}")
+    # A fresh cache, so that every variant goes through ptxas, which prints its log.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    jobs = [(v, cap) for v in variants(args) for cap in args.capabilities]
+    if args.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            results = list(pool.map(report_one, jobs))
+    else:
+        results = [report_one(job) for job in jobs]
+    date = datetime.date.today().isoformat()
+    header = {"date": date, "triton": triton.__version__, "torch": torch.__version__, "paper": PAPER,
+              "h100": H100, "tensor_flops": TENSOR_FLOPS, "lanes_per_sm_clock": LANES, "sm_limits": SM_LIMITS}
+    stem = args.out or RESULTS / f"{date}-kernel-report-triton{triton.__version__}"
+    stem = stem.with_suffix("") if stem.suffix in (".md", ".json") else stem
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(results, header)
+    payload = json.dumps({**header, "variants": results}, indent=1)
+    atomic_write(Path(f"{stem}.json"), lambda f: f.write(payload.encode()))
+    atomic_write(Path(f"{stem}.md"), lambda f: f.write(text.encode()))
+    print(text)
+    print(f"wrote {stem}.md and {stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
