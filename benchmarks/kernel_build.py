@@ -146,12 +146,19 @@ class _Recorder:
         return lambda *args, **kwargs: self.out.append(record(self.kernel_name, self.case, args, kwargs, grid))
 
 
-def case_launches(dtype: torch.dtype, grid: str, shape: str) -> list[Launch]:
+def case_launches(dtype: torch.dtype, grid: str, shape: str, candidate: int = 0) -> list[Launch]:
     """The launches the forward and backward launchers make for one case (CPU inputs, the
     kernels recorded instead of run, the device check skipped), with the forward's rows split
-    over programs and the backward's slices in chunks of one tile, as on a large GPU."""
+    over programs and the backward's slices in chunks of one tile, as on a large GPU; each
+    kernel at its candidate configuration of that index (the last one past its list's end)."""
     N, D, S = SHAPES[shape]
-    return record_launches(dtype, grid, N, D, S, case=(TRITON_TYPES[dtype], grid, shape))
+    forward_candidates = config.FORWARD_CANDIDATES[dtype]
+    backward_candidates = config.BACKWARD_CANDIDATES[dtype]
+    return record_launches(
+        dtype, grid, N, D, S, case=(TRITON_TYPES[dtype], grid, shape),
+        forward_config=forward_candidates[min(candidate, len(forward_candidates) - 1)],
+        backward_config=backward_candidates[min(candidate, len(backward_candidates) - 1)],
+    )
 
 
 def record_launches(
@@ -205,13 +212,16 @@ def record_launches(
 
 
 def launches() -> list[Launch]:
-    """Every distinct launch of every case, in a fixed order."""
+    """Every distinct launch of every case, in a fixed order: every candidate configuration that
+    tuning may choose on the aligned shape, the default one on the ragged shape."""
     distinct: dict[tuple, Launch] = {}
+    candidates = max(map(len, (*config.FORWARD_CANDIDATES.values(), *config.BACKWARD_CANDIDATES.values())))
     for dtype in TRITON_TYPES:
         for grid in GRIDS:
             for shape in SHAPES:
-                for launch in case_launches(dtype, grid, shape):
-                    distinct.setdefault(launch.key(), launch)
+                for candidate in range(candidates if shape == "aligned" else 1):
+                    for launch in case_launches(dtype, grid, shape, candidate):
+                        distinct.setdefault(launch.key(), launch)
     return list(distinct.values())
 
 

@@ -13,7 +13,8 @@ slices in DP_CHUNK_BYTES chunks, so grids and program counts are the launchers' 
 launch is specialised as Triton's JIT specialises it and compiled for sm_80 and sm_90; the report
 reads registers and spills from the ptxas log, shared memory from Triton's metadata, and the
 instructions from the SASS (cuobjdump) and the PTX. Configurations come from
-`lejepa_kernels.kernels.config` (FORWARD_CONFIGS, BACKWARD_CONFIGS); `--config
+`lejepa_kernels.kernels.config` (FORWARD_CANDIDATES, BACKWARD_CANDIDATES: the first is the
+default, the others what tuning may choose); `--config
 KERNEL:DTYPE:BLOCK_N,BLOCK_S,BLOCK_D,NUM_WARPS,NUM_STAGES` adds candidates.
 
 Resident blocks per SM: the least of what registers, shared memory and warps allow, and 32.
@@ -531,10 +532,12 @@ def variants(args) -> list[Variant]:
     out = []
     if not args.only_candidates:
         for kernel in args.kernels:
-            table = config.FORWARD_CONFIGS if kernel == "forward" else config.BACKWARD_CONFIGS
+            table = config.FORWARD_CANDIDATES if kernel == "forward" else config.BACKWARD_CANDIDATES
             for dtype in args.dtypes:
                 for grid in args.grids:
-                    out.append(Variant(kernel, dtype, grid, table[DTYPES[dtype]], "default"))
+                    for index, candidate in enumerate(table[DTYPES[dtype]]):
+                        label = "default" if index == 0 else f"candidate {index}"
+                        out.append(Variant(kernel, dtype, grid, candidate, label))
     for candidate in args.config:
         for grid in args.grids:
             v = Variant(candidate.kernel, candidate.dtype, grid, candidate.config, "candidate")

@@ -30,7 +30,7 @@ from .config import (
     kernel_operands,
     launch_scope,
 )
-from .tuning import tuned_config
+from .tuning import tuned_config, tuning_sample
 
 DP_CHUNK_BYTES = 1 << 30
 """Largest dP buffer the backward allocates (bytes); slices are processed in chunks below it."""
@@ -132,12 +132,11 @@ def _ecf_backward_kernel(
 
 def dp_budget(device: torch.device) -> int:
     """Bytes the dP buffer may take on `device`: DP_CHUNK_BYTES, and on a GPU at most a
-    1/DP_SHARE_OF_FREE_MEMORY share of its free memory (the driver's, plus what torch's caching
-    allocator holds unused)."""
+    1/DP_SHARE_OF_FREE_MEMORY share of the memory the driver reports free (one cudaMemGetInfo:
+    torch's own memory statistics cost far more host time)."""
     if device.type != "cuda":
         return DP_CHUNK_BYTES
     free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return min(DP_CHUNK_BYTES, free // DP_SHARE_OF_FREE_MEMORY)
 
 
@@ -186,11 +185,13 @@ def ecf_backward(
     directions = kernel_directions(A, x)
     budget = dp_budget(x.device)
 
-    def launch(config: KernelConfig) -> torch.Tensor:
-        return _launch(x, directions, t, coef, dt, config, budget)
-
-    config = config or tuned_config("backward", x, S, T, dt > 0, launch)
-    return launch(config).to(x.dtype)
+    if config is None:
+        rows, slices = tuning_sample(x.shape[0], S)
+        sample = (x[:rows], directions[:, :slices].contiguous(), t, coef[:, :, :slices].contiguous())
+        config = tuned_config(
+            "backward", x, S, T, dt > 0, lambda candidate: _launch(*sample, dt, candidate, budget)
+        )
+    return _launch(x, directions, t, coef, dt, config, budget).to(x.dtype)
 
 
 def _launch(

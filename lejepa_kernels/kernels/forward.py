@@ -29,7 +29,7 @@ from .config import (
     launch_scope,
     program_count_target,
 )
-from .tuning import tuned_config
+from .tuning import tuned_config, tuning_sample
 
 
 @triton.jit
@@ -153,12 +153,13 @@ def ecf_forward(
     """
     x, A, t = kernel_operands(x, A, t)
     directions = kernel_directions(A, x)
-
-    def launch(config: KernelConfig) -> torch.Tensor:
-        return _launch(x, directions, t, dt, config)
-
-    config = config or tuned_config("forward", x, directions.shape[1], t.numel(), dt > 0, launch)
-    partials = launch(config)
+    if config is None:
+        rows, slices = tuning_sample(x.shape[0], directions.shape[1])
+        sample = (x[:rows], directions[:, :slices].contiguous(), t)
+        config = tuned_config(
+            "forward", x, directions.shape[1], t.numel(), dt > 0, lambda candidate: _launch(*sample, dt, candidate)
+        )
+    partials = _launch(x, directions, t, dt, config)
     return partials[:, 0].sum(0).T.contiguous(), partials[:, 1].sum(0).T.contiguous()
 
 

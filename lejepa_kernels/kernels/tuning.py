@@ -1,9 +1,10 @@
 """The kernels' configurations chosen on the user's GPU: each candidate timed once, the fastest kept.
 
 The first launch of a kernel with a new key (kernel, dtype, grid kind and length, and N, D, S
-rounded up to powers of 2) on a CUDA device times every candidate of `config.FORWARD_CANDIDATES`
-or `config.BACKWARD_CANDIDATES` on that launch's own inputs (`triton.testing.do_bench`) and keeps
-the fastest. The choice holds for the rest of the process and is written to a JSON file in the
+rounded up to powers of 2, N and S at most SAMPLE_ROWS and SAMPLE_SLICES) on a CUDA device times
+every candidate of `config.FORWARD_CANDIDATES` or `config.BACKWARD_CANDIDATES` on that launch's
+own inputs, their first SAMPLE_ROWS rows and SAMPLE_SLICES slices (`triton.testing.do_bench`),
+and keeps the fastest. The choice holds for the rest of the process and is written to a JSON file in the
 private cache (`private_cache`), one per GPU model and Triton version, so that later processes on
 this machine choose the same and give the same bits. Different configurations sum in different
 orders: their results agree to rounding, not bit for bit.
@@ -15,6 +16,7 @@ CUDA graph is being captured.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -32,6 +34,9 @@ MIN_TUNED_PROJECTIONS = 1 << 22
 """Calls with fewer projections N * S than this take the first candidate: their launch costs
 more than any configuration saves, and tuning them would cost more still."""
 CANDIDATES = {"forward": FORWARD_CANDIDATES, "backward": BACKWARD_CANDIDATES}
+SAMPLE_ROWS, SAMPLE_SLICES = 8192, 16384
+"""Candidates are timed on at most this many rows and slices of a call (the paper's workload
+fits): enough to fill a GPU, and a huge call is not run dozens of times."""
 WARMUP_MS, REPEAT_MS = 10, 40
 """triton.testing.do_bench's warm-up and measuring budgets per candidate (milliseconds)."""
 _FIELDS = ("block_n", "block_s", "block_d", "num_warps", "num_stages")
@@ -62,6 +67,11 @@ def tuned_config(
     return choices[key]
 
 
+def tuning_sample(n_rows: int, n_slices: int) -> tuple[int, int]:
+    """(rows, slices) of a call that its candidates are timed on."""
+    return min(n_rows, SAMPLE_ROWS), min(n_slices, SAMPLE_SLICES)
+
+
 def _tuning_on(x: torch.Tensor) -> bool:
     if os.environ.get(TUNING_ENV, "1") == "0" or x.device.type != "cuda":
         return False
@@ -69,12 +79,14 @@ def _tuning_on(x: torch.Tensor) -> bool:
 
 
 def _key(kernel: str, x: torch.Tensor, n_slices: int, n_points: int, uniform: bool) -> str:
-    N, D = x.shape
-    sizes = "-".join(f"{name}{triton.next_power_of_2(size)}" for name, size in zip("NDS", (N, D, n_slices)))
+    N, S = tuning_sample(x.shape[0], n_slices)
+    sizes = "-".join(f"{name}{triton.next_power_of_2(size)}" for name, size in zip("NDS", (N, x.shape[1], S)))
     return f"{kernel}:{str(x.dtype).removeprefix('torch.')}:{'uniform' if uniform else 'direct'}{n_points}:{sizes}"
 
 
+@functools.lru_cache(maxsize=None)
 def _file_name(device: torch.device) -> str:
+    """The tuning file of this GPU model and Triton version (computed once per device)."""
     properties = torch.cuda.get_device_properties(device)
     model = re.sub(r"[^A-Za-z0-9]+", "-", properties.name).strip("-").lower()
     return f"tuning-{model}-sm{properties.major}{properties.minor}-triton{triton.__version__}.json"
