@@ -64,3 +64,14 @@ def broadcast_from_first_rank(
     The tensor must be on a device the group's backend serves (NCCL: CUDA; gloo: CPU or CUDA).
     """
     return funcol.wait_tensor(funcol.broadcast(tensor, 0, _resolve(group)))
+
+
+def group_name(group: Optional[dist.ProcessGroup] = None) -> str:
+    """The name of the group (None: the world), by which a custom op's body finds it again."""
+    return _resolve(group).group_name
+
+
+def all_reduce_in_op(tensor: torch.Tensor, name: str) -> torch.Tensor:
+    """The sum of `tensor` over the ranks of the group named `name`, as a new tensor: for the
+    bodies of custom ops (`blockwise.py`), which run eagerly and take the group by its name."""
+    return funcol.wait_tensor(funcol.all_reduce(tensor, "sum", name))

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from . import ops
 from .backends import choose
+from .blockwise import DirectionSpec, orthonormal_groups, sliced_epps_pulley_blockwise
 from .distributed import all_reduce_sums, check_group, is_distributed
 from .reference import quadrature
 
@@ -125,17 +126,26 @@ def sliced_epps_pulley_on_grid(
     *,
     process_group: Optional[dist.ProcessGroup] = None,
     distributed: bool = True,
+    directions: DirectionSpec = DirectionSpec(),
 ) -> torch.Tensor:
     """SIGReg of x [N, D] on a given quadrature grid (t, phi, weights: [T] each).
 
-    The directions are the seed's for the 0-d integer tensor `step`. When torch.distributed is
+    The directions are drawn for the 0-d integer tensor `step` as `directions` says: the seed's
+    (by default) or blockwise (`blockwise.py`, which also does the all-reduces per block). When torch.distributed is
     initialised and `distributed` is true, the sums and row count are summed over the ranks of
     `process_group` (None: the world) in one all-reduce, so the loss is that of the concatenated
     batch. Returns a 0-d tensor, fp32 (fp64 for fp64 x).
     """
     reduce = distributed and is_distributed()
     check_embeddings(x, min_rows=1 if reduce else 2)
+    if directions.kind == "blockwise":
+        backend = choose(backend, x, t.numel(), dt)
+        return sliced_epps_pulley_blockwise(
+            x, step, num_slices, t, phi, weights, backend, dt, directions, process_group, reduce
+        )
     A = ops.directions(step, x.shape[1], num_slices, x.device)
+    if directions.orthogonal:
+        A = orthonormal_groups(A)
     cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend, dt=dt)
     n = cos_sums.new_full((), x.shape[0])
     if reduce:
@@ -167,6 +177,10 @@ def sliced_epps_pulley(
     *,
     process_group: Optional[dist.ProcessGroup] = None,
     distributed: bool = True,
+    directions: str = "seed",
+    orthogonal: bool = False,
+    block_size: Optional[int] = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """SIGReg loss: the seed's `SlicedEppsPulley` at `step`, without materialising [N, S, T].
 
@@ -176,7 +190,12 @@ def sliced_epps_pulley(
     Under torch.distributed the loss is that of the batch concatenated over the ranks of
     `process_group` (None: the world), and rank r's gradient is W times that of its rows; pass
     the same `step` on every rank. `distributed=False` gives each rank the loss of its own rows.
+
+    `directions`: "seed" (the seed's [D, S] matrix for the step) or "blockwise" (blocks of
+    `block_size` slices drawn when used, keyed by (seed, step, block): memory independent of
+    num_slices). `orthogonal`: orthonormalise each group of at most D directions.
     """
+    spec = DirectionSpec(directions, orthogonal, block_size, seed)
     check_config(num_slices, t_max, n_points)
     check_group(process_group)
     step = _step_tensor(step)
@@ -193,4 +212,5 @@ def sliced_epps_pulley(
         dt,
         process_group=process_group,
         distributed=distributed,
+        directions=spec,
     )

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .backends import check_choice
+from .blockwise import DirectionSpec
 from .distributed import broadcast_from_first_rank, check_group, is_distributed
 from .functional import (
     check_config,
@@ -43,6 +44,12 @@ class FusedSlicedEppsPulley(nn.Module):
     :param distributed: False computes each rank's SIGReg on its own rows (no communication),
         for ablations; True (default) sums over the process group when torch.distributed is
         initialised at call time.
+    :param directions: "seed" (default: the seed's [D, S] directions for the step, its numbers)
+        or "blockwise" (blocks of `block_size` slices drawn when used, keyed by (seed, step,
+        block): memory independent of num_slices; see `lejepa_kernels.blockwise`).
+    :param orthogonal: orthonormalise each group of at most D directions.
+    :param block_size: slices per block of "blockwise" (None: 4096).
+    :param seed: key of the blockwise generator besides the step.
 
     Under torch.distributed the loss on every rank is that of the concatenated batch (one
     all-reduce of the cos/sin sums and row count per call), and rank r's gradient is W times
@@ -68,8 +75,13 @@ class FusedSlicedEppsPulley(nn.Module):
         backend: str = "auto",
         process_group: Optional[dist.ProcessGroup] = None,
         distributed: bool = True,
+        directions: str = "seed",
+        orthogonal: bool = False,
+        block_size: Optional[int] = None,
+        seed: int = 0,
     ):
         super().__init__()
+        self.direction_spec = DirectionSpec(directions, orthogonal, block_size, seed)
         check_config(num_slices, t_max, n_points)
         check_choice(backend)
         check_group(process_group)
@@ -145,6 +157,7 @@ class FusedSlicedEppsPulley(nn.Module):
             self._grid_spacing(),
             process_group=self.process_group,
             distributed=self.distributed,
+            directions=self.direction_spec,
         )
         with torch.no_grad():
             self.global_step.add_(1)
@@ -154,5 +167,6 @@ class FusedSlicedEppsPulley(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_slices={self.num_slices}, n_points={self.ep.t.numel()}, "
-            f"backend={self.backend!r}, distributed={self.distributed}"
+            f"backend={self.backend!r}, distributed={self.distributed}, "
+            f"directions={self.direction_spec}"
         )
