@@ -1,7 +1,8 @@
 """pytest-benchmark set-up: the device, its peak rates, and command-line options.
 
 `pytest benchmarks` runs the workloads of docs/DESIGN.md (section 6) on a GPU, a CPU-sized set otherwise. Options:
-`--providers seed,fused` and `--workloads paper,wide` narrow the run.
+`--providers seed,fused` and `--workloads paper,wide` narrow the run; `--slice-sweep 12,14,16` adds
+the slice-count sweep of test_slice_sweep.py.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def peak_rates() -> tuple[float, float] | None:
 def pytest_addoption(parser):
     parser.addoption("--providers", default=",".join(PROVIDERS), help="comma-separated providers")
     parser.addoption("--workloads", default="", help="comma-separated workload names (default: all)")
+    parser.addoption("--slice-sweep", default="", metavar="K,K,...",
+                     help="run test_slice_sweep.py at S = 2^K for each K (e.g. 12,14,16,18,20); default: skip it")
 
 
 def pytest_generate_tests(metafunc):
@@ -58,6 +61,9 @@ def pytest_generate_tests(metafunc):
         names = [n for n in metafunc.config.getoption("--workloads").split(",") if n]
         chosen = [w for w in WORKLOADS if not names or w.name in names]
         metafunc.parametrize("workload", chosen, ids=[w.name for w in chosen])
+    if "slices" in metafunc.fixturenames:
+        powers = [int(k) for k in metafunc.config.getoption("--slice-sweep").split(",") if k]
+        metafunc.parametrize("slices", [1 << k for k in powers], ids=[f"S=2^{k}" for k in powers])
     if "mode" in metafunc.fixturenames:
         metafunc.parametrize("mode", MODES)
 

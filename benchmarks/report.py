@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-PROVIDER_ORDER = ("seed", "seed_compiled", "fused")
+PROVIDER_ORDER = ("seed", "seed_compiled", "fused", "fused_blockwise")
 
 
 def load_rows(path: Path) -> tuple[dict, list[dict]]:

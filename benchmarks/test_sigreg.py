@@ -62,10 +62,10 @@ def gpu_peak_extra_mib(setup, target) -> float:
 EXACT_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def cpu_peak_extra_mib(provider: str, workload: Workload, mode: str) -> float:
+def cpu_peak_extra_mib(provider: str, workload: Workload, mode: str, warmups: int = 2) -> float:
     """Measured in a fresh process: resident-set peaks are not reset by freeing memory."""
     script = Path(__file__).parent / "workloads.py"
-    args = [provider, workload.n, workload.d, workload.s, mode, str(DTYPE).split(".")[-1]]
+    args = [provider, workload.n, workload.d, workload.s, mode, str(DTYPE).split(".")[-1], warmups]
     result = subprocess.run(
         [sys.executable, str(script), *map(str, args)],
         capture_output=True, text=True, check=True, env={**os.environ, **EXACT_MALLOC},

@@ -1,7 +1,7 @@
 """What the benchmarks run: workloads, providers, modes, and the peak-memory probe.
 
-Run as a script (`python benchmarks/workloads.py PROVIDER N D S MODE DTYPE`) it measures the
-peak extra resident memory of one CPU call in a fresh process and prints it in MiB.
+Run as a script (`python benchmarks/workloads.py PROVIDER N D S MODE DTYPE [WARMUPS]`) it
+measures the peak extra resident memory of one CPU call in a fresh process and prints it in MiB.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ MODES = ("forward", "backward", "forward+backward")
 
 
 def make_module(provider: str, workload: Workload, device: torch.device) -> torch.nn.Module:
-    """The SIGReg module of a provider: the seed eager, the seed compiled, or this package."""
-    if provider == "fused":
-        return FusedSlicedEppsPulley(workload.s, n_points=workload.t).to(device)
+    """The SIGReg module of a provider: the seed eager, the seed compiled, or this package (with
+    the seed's directions, or "fused_blockwise": directions drawn block by block)."""
+    if provider in ("fused", "fused_blockwise"):
+        directions = "blockwise" if provider == "fused_blockwise" else "seed"
+        return FusedSlicedEppsPulley(workload.s, n_points=workload.t, directions=directions).to(device)
     module = SlicedEppsPulley(workload.s, n_points=workload.t).to(device)
     return torch.compile(module) if provider == "seed_compiled" else module
 
@@ -91,8 +93,10 @@ def step_functions(
     return setup, backward
 
 
-def cpu_peak_extra_mib(provider: str, workload: Workload, mode: str, dtype: torch.dtype) -> float:
-    """Peak extra resident memory (MiB) of one call, after a warm-up, in this (fresh) process.
+def cpu_peak_extra_mib(
+    provider: str, workload: Workload, mode: str, dtype: torch.dtype, warmups: int = 2
+) -> float:
+    """Peak extra resident memory (MiB) of one call, after `warmups` calls, in this (fresh) process.
 
     Linux only: the peak (VmHWM) is reset through /proc/self/clear_refs before the call.
     """
@@ -101,7 +105,7 @@ def cpu_peak_extra_mib(provider: str, workload: Workload, mode: str, dtype: torc
     module = make_module(provider, workload, device)
     x = make_input(workload, dtype, device)
     setup, target = step_functions(module, x, mode, lambda: None)
-    for _ in range(2):
+    for _ in range(warmups):
         if setup:
             setup()
         target()
@@ -123,6 +127,6 @@ def _status_kib(field: str) -> int:
 
 
 if __name__ == "__main__":
-    provider, n, d, s, mode, dtype = sys.argv[1:]
+    provider, n, d, s, mode, dtype, *warmups = sys.argv[1:]
     workload = Workload("probe", int(n), int(d), int(s))
-    print(cpu_peak_extra_mib(provider, workload, mode, getattr(torch, dtype)))
+    print(cpu_peak_extra_mib(provider, workload, mode, getattr(torch, dtype), *map(int, warmups)))

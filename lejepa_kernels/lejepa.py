@@ -140,6 +140,9 @@ class LeJEPA(nn.Module):
     :param drop_path_rate: stochastic depth rate of the backbone.
     :param sigreg: ``"fused"`` (:class:`FusedSlicedEppsPulley`) or ``"reference"``
         (:class:`SlicedEppsPulley`, the seed's pure-PyTorch implementation).
+    :param directions: ``"seed"`` (the seed's directions) or ``"blockwise"`` (drawn block by
+        block, memory independent of ``n_slices``); ``"fused"`` only.
+    :param orthogonal: orthonormalise each group of at most K directions; ``"fused"`` only.
     """
 
     def __init__(
@@ -154,10 +157,15 @@ class LeJEPA(nn.Module):
         drop_path_rate: float = 0.1,
         *,
         sigreg: str = "fused",
+        directions: str = "seed",
+        orthogonal: bool = False,
     ) -> None:
         super().__init__()
         if sigreg not in _SIGREG_CHOICES:
             raise ValueError(f"sigreg must be one of {sorted(_SIGREG_CHOICES)}, got {sigreg!r}")
+        direction_options = dict(directions=directions, orthogonal=orthogonal)
+        if sigreg == "reference" and (directions, orthogonal) != ("seed", False):
+            raise ValueError("directions='blockwise' and orthogonal=True need sigreg='fused'")
         if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not (0 <= lamb < math.inf):
             raise ValueError(f"lamb (the SIGReg weight) must be a finite number >= 0, got {lamb!r}")
         # Names with a source prefix ("hf-hub:...", "local-dir:...") are resolved by timm itself.
@@ -176,7 +184,9 @@ class LeJEPA(nn.Module):
         if projector is None:
             projector = nn.Sequential(nn.Linear(embed_dim, 512), MLP(512, [2048, 2048, 512], dropout=0.0))
         self.projector = projector
-        self.sigreg = _SIGREG_CHOICES[sigreg](num_slices=n_slices, t_max=t_max, n_points=n_points)
+        self.sigreg = _SIGREG_CHOICES[sigreg](
+            num_slices=n_slices, t_max=t_max, n_points=n_points, **(direction_options if sigreg == "fused" else {})
+        )
         self.lamb = lamb
         self.embed_dim = embed_dim
 

@@ -301,3 +301,33 @@ def test_peak_memory_is_flat_in_the_slice_count():
     seed = [peak_extra_mib("seed", 1 << k) for k in (14, 16)]
     assert blockwise[1] - blockwise[0] < 1.0, blockwise
     assert seed[1] - seed[0] > 10.0, seed
+
+
+# --- LeJEPA and `lejepa-kernels pretrain --directions` -------------------------------------------
+
+
+def test_lejepa_passes_directions_to_its_sigreg():
+    from lejepa_kernels.lejepa import LeJEPA
+
+    model = LeJEPA("test_vit", n_slices=64, directions="blockwise", orthogonal=True)
+    assert model.sigreg.direction_spec.kind == "blockwise" and model.sigreg.direction_spec.orthogonal
+    with pytest.raises(ValueError, match="need sigreg='fused'"):
+        LeJEPA("test_vit", sigreg="reference", directions="blockwise")
+
+
+def test_pretrain_directions_option():
+    import argparse
+
+    from lejepa_kernels.pretrain.options import UsageError, add_arguments, resolve
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert resolve(parser.parse_args([])).directions == "seed"
+    assert resolve(parser.parse_args(["--directions", "blockwise"])).directions == "blockwise"
+    with pytest.raises(UsageError, match="--directions blockwise needs --sigreg fused"):
+        resolve(parser.parse_args(["--directions", "blockwise", "--sigreg", "reference"]))
+    saved = vars(resolve(parser.parse_args([])))
+    del saved["directions"]  # a checkpoint written before --directions existed
+    assert resolve(parser.parse_args([]), saved).directions == "seed"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--directions", "other"])

@@ -32,15 +32,16 @@ FOLDER_DEFAULTS: dict[str, Any] = dict(
     workers=min(8, os.cpu_count() or 1),
 )
 COMMON_DEFAULTS: dict[str, Any] = dict(
-    num_slices=1024, lamb=0.02, sigreg="fused", weight_decay=0.05, warmup=0.1, local_views=6, drop_path=0.1, seed=0,
+    num_slices=1024, directions="seed", lamb=0.02, sigreg="fused", weight_decay=0.05, warmup=0.1, local_views=6,
+    drop_path=0.1, seed=0,
 )
 # Local view size / global view size: 96/224 in the paper; half on the digits, where a ViT with
 # 16 px patches then sees 2x2 patches per local view.
 LOCAL_RATIO = {"digits": 1 / 2, "folder": 96 / 224}
 
 RUN_SETTINGS = (
-    "data", "model", "epochs", "batch_size", "num_slices", "lamb", "sigreg", "lr", "weight_decay", "warmup",
-    "local_views", "image_size", "local_size", "drop_path", "seed",
+    "data", "model", "epochs", "batch_size", "num_slices", "directions", "lamb", "sigreg", "lr", "weight_decay",
+    "warmup", "local_views", "image_size", "local_size", "drop_path", "seed",
 )
 """The options that define a run: saved in its checkpoints, refused on resume when they differ."""
 
@@ -96,6 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"images per step and process, each in every view ({_per_data('batch_size')})")
     p.add_argument("--num-slices", metavar="N", type=_int_at_least(1),
                    help=f"SIGReg random directions ({_common('num_slices')})")
+    p.add_argument("--directions", choices=("seed", "blockwise"),
+                   help="SIGReg directions: the seed's [D, S] matrix per step, or drawn block by block "
+                   f"(memory independent of --num-slices; fused only) ({_common('directions')})")
     p.add_argument("--lamb", metavar="X", type=_float_in(0.0, math.inf),
                    help=f"SIGReg weight: loss = invariance + lamb * SIGReg ({_common('lamb')})")
     p.add_argument("--sigreg", choices=("fused", "reference"),
@@ -152,6 +156,7 @@ def resolve(args: argparse.Namespace, saved: Optional[Mapping[str, Any]] = None)
     if args.data is not None:
         args.data = os.path.abspath(args.data)  # the same directory whatever the working directory
     if saved is not None:
+        saved = {"directions": "seed", **saved}  # checkpoints from before --directions drew the seed's
         differing = [
             f"{_flag(key)} {getattr(args, key)} (saved: {saved[key]})"
             for key in RUN_SETTINGS if getattr(args, key) is not None and getattr(args, key) != saved[key]
@@ -167,6 +172,8 @@ def resolve(args: argparse.Namespace, saved: Optional[Mapping[str, Any]] = None)
     for key, value in {**(DIGITS_DEFAULTS if digits else FOLDER_DEFAULTS), **COMMON_DEFAULTS}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.directions == "blockwise" and args.sigreg != "fused":
+        raise UsageError("--directions blockwise needs --sigreg fused (the seed's module draws the seed's directions)")
     if args.local_size is None:
         args.local_size = max(1, round(args.image_size * LOCAL_RATIO["digits" if digits else "folder"]))
     return args

@@ -50,7 +50,7 @@ def build_model(args: argparse.Namespace) -> LeJEPA:
     torch.manual_seed(args.seed)
     try:
         return LeJEPA(args.model, n_slices=args.num_slices, lamb=args.lamb,
-                      drop_path_rate=args.drop_path, sigreg=args.sigreg)
+                      drop_path_rate=args.drop_path, sigreg=args.sigreg, directions=args.directions)
     except (ValueError, TypeError) as err:
         raise UsageError(f"--model {args.model}: {err}") from None
 
@@ -371,8 +371,9 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         n_params = sum(p.numel() for p in run.model.backbone.parameters()) / 1e6
         print(f"LeJEPA pretraining: {args.model} ({n_params:.2f}M backbone parameters) on {data.name} "
               f"({len(data.train_idx)} train / {len(data.test_idx)} held-out images), 2x{args.image_size}px + "
-              f"{args.local_views}x{args.local_size}px views, {args.num_slices} slices, {args.sigreg} "
-              f"SIGReg, {run.device}" + (f" x {run.world_size} processes" if run.distributed else ""), flush=True)
+              f"{args.local_views}x{args.local_size}px views, {args.num_slices} {args.directions} slices, "
+              f"{args.sigreg} SIGReg, {run.device}" + (f" x {run.world_size} processes" if run.distributed else ""),
+              flush=True)
         if args.resume is not None:
             print(f"resuming {args.resume} at {run.position()}", flush=True)
 
@@ -398,6 +399,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         probe_accuracy=probe_accuracy,
         random_init_probe_accuracy=random_init_probe_accuracy,
         num_slices=args.num_slices,
+        directions=args.directions,
         seconds=time.perf_counter() - start_time,
         train_seconds=train_seconds,
         loss=last.get("loss"), inv_loss=last.get("inv_loss"), sigreg_loss=last.get("sigreg_loss"),
