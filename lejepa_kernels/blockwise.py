@@ -116,10 +116,16 @@ def block_directions(
     dim: int, width: int, key: int, orthogonal: bool, device: torch.device | str
 ) -> torch.Tensor:
     """One block's directions [dim, width] fp32 on `device`: Gaussian columns from a generator on
-    `device` seeded with `key`, divided by their norms (or orthonormalised in groups of dim)."""
+    `device` seeded with `key`, divided by their norms (or orthonormalised in groups of dim).
+
+    They are drawn as the rows of a contiguous [width, dim] tensor and returned as its transposed
+    view (the backends take any layout): the norms are then contiguous reductions, on this CPU
+    4x faster than over the columns of [dim, width], and no transposing copy is made."""
     generator = torch.Generator(device=device).manual_seed(key)
-    G = torch.randn(dim, width, device=device, generator=generator)
-    return orthonormal_groups(G) if orthogonal else G.div_(G.norm(dim=0))
+    G = torch.randn(width, dim, device=device, generator=generator)
+    if orthogonal:
+        return orthonormal_groups(G.T)
+    return G.div_(torch.linalg.vector_norm(G, dim=1, keepdim=True)).T
 
 
 def _blocks(num_slices: int, block_size: int) -> Iterator[tuple[int, int]]:
