@@ -169,6 +169,15 @@ def test_seed_directions_orthogonal_are_the_seed_matrix_orthonormalised():
     torch.testing.assert_close(module(x), oracle_loss(x, A), rtol=1e-6, atol=0)
 
 
+def test_seed_directions_orthogonal_compile_fullgraph():
+    x = torch.randn(30, 5)
+    compiled_module, eager_module = (FusedSlicedEppsPulley(12, orthogonal=True) for _ in range(2))
+    loss_c, grad_c = loss_and_grad(torch.compile(compiled_module, backend="aot_eager", fullgraph=True), x)
+    loss_e, grad_e = loss_and_grad(eager_module, x)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_c, grad_e, rtol=1e-5, atol=1e-8)
+
+
 def test_backends_see_only_blocks(monkeypatch):
     """Every ECF call of the forward and backward takes one block of directions, never [D, S]."""
     widths = []
