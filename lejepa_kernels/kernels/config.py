@@ -40,16 +40,19 @@ class KernelConfig:
 
 
 # The configurations `tuning` chooses from, per kernel and dtype; the first is the default
-# (the interpreter, and wherever tuning is off). Each compiles without register spills for sm_80
-# and sm_90 under Triton 3.6 and 3.8 (tests/test_compile_targets.py). With 4 warps on a 64 x 64
-# tile the warps split only the slices axis (warpsPerCTA [4, 1] for sm_90's wgmma), so the
-# forward's row sums stay inside a warp; block_s 128 x block_n 32 does the same for sm_80's mma.
+# (the interpreter, and wherever tuning is off): the fastest measured on an H200 (benchmarks/
+# results/2026-11-28-nvidia-h200-torch2.11-triton3.6-kernels-after.txt). Each compiles without
+# register spills for sm_80 and sm_90 under Triton 3.6 and 3.8 (tests/test_compile_targets.py).
+# With 4 warps on a 64 x 64 tile sm_90's wgmma layout splits only the slices axis over warps
+# (warpsPerCTA [4, 1]), so the forward's row sums stay inside a warp (7 bar.sync in its PTX, in
+# the D loop); sm_80's mma splits it [2, 2] (77 bar.sync), and block_s 128 x block_n 32 gives it
+# [4, 1] again (8): tuning picks between them there.
 # The last of each list is the configuration before tuning existed, so no GPU can be slower.
 # fp32 tiles reach tl.dot as 3xTF32 (each operand split in two), hence narrower D steps.
 _FORWARD_16BIT = (
+    KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=3),
     KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=2),
     KernelConfig(block_n=32, block_s=128, block_d=32, num_warps=4, num_stages=2),
-    KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=3),
     KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1),
 )
 FORWARD_CANDIDATES = {

@@ -4,9 +4,9 @@ The first launch of a kernel with a new key (kernel, dtype, grid kind and length
 rounded up to powers of 2, N and S at most SAMPLE_ROWS and SAMPLE_SLICES) on a CUDA device times
 every candidate of `config.FORWARD_CANDIDATES` or `config.BACKWARD_CANDIDATES` on that launch's
 own inputs, their first SAMPLE_ROWS rows and SAMPLE_SLICES slices (`triton.testing.do_bench`),
-and keeps the fastest. The choice holds for the rest of the process and is written to a JSON file in the
-private cache (`private_cache`), one per GPU model and Triton version, so that later processes on
-this machine choose the same and give the same bits. Different configurations sum in different
+and keeps the fastest. The choice holds for the rest of the process and is written to a JSON
+file in the private cache (`private_cache`), one per GPU model and Triton version, so that later
+processes on this machine choose the same and give the same bits. Different configurations sum in different
 orders: their results agree to rounding, not bit for bit.
 
 The first candidate is used, without tuning, for calls of fewer than MIN_TUNED_PROJECTIONS
