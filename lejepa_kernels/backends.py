@@ -4,9 +4,11 @@ Each backend is a module with one interface:
 
 - `NAME`: its name, as `backend=` takes it;
 - `unavailable() -> str | None`: why it cannot run on this machine at all (None: it can);
-- `unsupported(x, n_points, dt) -> str | None`: why it does not take this call;
+- `unsupported(x, n_points, dt, groups=1) -> str | None`: why it does not take this call
+  (only x's dtype and device are read; `groups` is G);
 - `ecf_sums(x, A, t, dt) -> (cos_sums, sin_sums)` and
-  `ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt) -> grad_x`.
+  `ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt) -> grad_x`, with x [G, N, D], the sums
+  and their gradients [G, S, T], grad_x [G, N, D].
 
 `choose` is the one place that decides: "auto" (or `$LEJEPA_KERNELS_BACKEND`) takes the first
 backend of `AUTO_ORDER` for the embeddings' device that runs here and takes the call; a backend named explicitly runs or
@@ -51,10 +53,11 @@ def _unavailable(name: str) -> str:
     return TABLE[name].unavailable() or ""
 
 
-def choose(backend: str, x: torch.Tensor, n_points: int, dt: float) -> str:
+def choose(backend: str, x: torch.Tensor, n_points: int, dt: float, groups: int = 1) -> str:
     """The name of the backend that computes this call.
 
-    x: [N, D] embeddings; n_points: T; dt > 0 for the uniform grid, 0 for any other.
+    x: the embeddings (their dtype and device decide); n_points: T; dt > 0 for the uniform
+    grid, 0 for any other; groups: G, the independent groups of rows.
     "auto" (or `$LEJEPA_KERNELS_BACKEND` when set) picks per AUTO_ORDER, warning once when the
     native CPU kernel cannot be built; an explicit backend that cannot run here raises
     BackendUnavailable (CpuKernelUnavailable for "cpu"), one that does not take the call
@@ -66,20 +69,20 @@ def choose(backend: str, x: torch.Tensor, n_points: int, dt: float) -> str:
         if backend not in CHOICES:
             raise ValueError(f"${BACKEND_ENV} must be one of {CHOICES}, got {backend!r}")
     if backend == "auto":
-        return _auto(x, n_points, dt)
+        return _auto(x, n_points, dt, groups)
     reason = _unavailable(backend)
     if reason:
         error = CpuKernelUnavailable if backend == "cpu" else BackendUnavailable
         raise error(f"backend={backend!r} cannot run here: {reason}; use backend='auto' or 'torch'")
-    reason = TABLE[backend].unsupported(x, n_points, dt)
+    reason = TABLE[backend].unsupported(x, n_points, dt, groups)
     if reason:
         raise ValueError(f"backend={backend!r} does not take this call: {reason}; use backend='auto' or 'torch'")
     return backend
 
 
-def _auto(x: torch.Tensor, n_points: int, dt: float) -> str:
+def _auto(x: torch.Tensor, n_points: int, dt: float, groups: int) -> str:
     for name in AUTO_ORDER.get(x.device.type, ("torch",)):
-        if TABLE[name].unsupported(x, n_points, dt) is not None:
+        if TABLE[name].unsupported(x, n_points, dt, groups) is not None:
             continue
         reason = _unavailable(name)
         if not reason:

@@ -13,6 +13,7 @@ from .distributed import broadcast_from_first_rank, check_group, is_distributed
 from .functional import (
     check_config,
     check_embeddings,
+    check_loss_options,
     sliced_epps_pulley_on_grid,
     uniform_spacing,
 )
@@ -32,12 +33,22 @@ class FusedSlicedEppsPulley(nn.Module):
     Calling it on embeddings x [N, D] (fp32, bf16, fp16 or fp64) returns the scalar SIGReg loss
     (fp32; fp64 for fp64 x) and advances `global_step` by one, as the seed does, but never
     materialises the [N, S, T] tensors. State dicts load both ways with `SlicedEppsPulley`.
+    On x of shape (*, N, D) each leading index is a group of rows (a view, say) with its own
+    statistic, all on the call's directions, computed in one pass.
 
     :param num_slices: number of random 1-D projections.
     :param t_max: upper end of the integration grid.
     :param n_points: number of grid points (odd, >= 3).
-    :param backend: "auto" (Triton for CUDA tensors when available, PyTorch otherwise; the
-        environment variable LEJEPA_KERNELS_BACKEND overrides it), "torch" or "triton".
+    :param backend: "auto" (Triton for CUDA tensors when available, the native kernel for CPU
+        ones, PyTorch otherwise; the environment variable LEJEPA_KERNELS_BACKEND overrides it),
+        "torch", "cpu" or "triton".
+    :param reduction: "mean" (the seed's loss: the mean over groups and slices), "sum", or
+        "none" (the statistics, of shape (*, S)).
+    :param unbiased: False (the seed's plug-in statistic) or True: |phi_hat|^2 replaced by its
+        unbiased estimate, so the statistic's expectation is N times the weighted distance
+        between the characteristic functions (0 under the null), without the plug-in's O(1)
+        term from sampling noise; needs N >= 2 rows per group in all. See
+        `functional.epps_pulley_statistic`.
     :param process_group: under torch.distributed, the ranks whose embeddings form the batch
         (None: the world).
     :param distributed: False computes each rank's SIGReg on its own rows (no communication),
@@ -68,17 +79,22 @@ class FusedSlicedEppsPulley(nn.Module):
         backend: str = "auto",
         process_group: Optional[dist.ProcessGroup] = None,
         distributed: bool = True,
+        reduction: str = "mean",
+        unbiased: bool = False,
     ):
         super().__init__()
         check_config(num_slices, t_max, n_points)
         check_choice(backend)
         check_group(process_group)
+        check_loss_options(reduction, unbiased)
         if not isinstance(distributed, bool):
             raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
         self.num_slices = num_slices
         self.backend = backend
         self.process_group = process_group
         self.distributed = distributed
+        self.reduction = reduction
+        self.unbiased = unbiased
         self.ep = EppsPulley(t_max=t_max, n_points=n_points)
         self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
         self._host_step = torch.zeros((), dtype=torch.long)
@@ -129,7 +145,8 @@ class FusedSlicedEppsPulley(nn.Module):
         return self._host_step
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, D] embeddings. Returns the scalar loss."""
+        """x: [N, D] or (*, N, D) embeddings. Returns the loss (0-d), or the statistics (*, S)
+        when reduction is "none"."""
         if self.distributed and not self._step_broadcast and is_distributed():
             check_embeddings(x, min_rows=1)
             self._broadcast_step(x.device)
@@ -145,6 +162,8 @@ class FusedSlicedEppsPulley(nn.Module):
             self._grid_spacing(),
             process_group=self.process_group,
             distributed=self.distributed,
+            reduction=self.reduction,
+            unbiased=self.unbiased,
         )
         with torch.no_grad():
             self.global_step.add_(1)
@@ -154,5 +173,6 @@ class FusedSlicedEppsPulley(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_slices={self.num_slices}, n_points={self.ep.t.numel()}, "
-            f"backend={self.backend!r}, distributed={self.distributed}"
+            f"backend={self.backend!r}, distributed={self.distributed}, "
+            f"reduction={self.reduction!r}, unbiased={self.unbiased}"
         )

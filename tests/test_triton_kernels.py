@@ -177,8 +177,8 @@ def test_bf16_gradient_accumulates_chunks_in_fp32(monkeypatch):
     A = random_directions(D, S, 0, DEVICE)
     t = quadrature(3.0, 17)[0].to(DEVICE)
     grad_cos, grad_sin = torch.randn(2, S, 17, generator=torch.Generator().manual_seed(9)) / S
-    truth = torch_backend.ecf_sums_backward(x.double(), A.bfloat16().double(), t.double(),
-                                       grad_cos.double(), grad_sin.double())
+    truth = torch_backend.ecf_sums_backward(x.double()[None], A.bfloat16().double(), t.double(),
+                                            grad_cos.double()[None], grad_sin.double()[None])[0]
 
     def grad_x(chunk_slices):
         monkeypatch.setattr(backward_module, "DP_CHUNK_BYTES", N * 2 * chunk_slices)
@@ -202,9 +202,9 @@ def test_recurrence_as_accurate_as_direct_trig(T):
     g = torch.Generator().manual_seed(T)
     grad_cos, grad_sin = (torch.randn(2, S, T, generator=g) / T).to(DEVICE)
     P = x.double() @ A.double()
-    want = torch_backend.ecf_sums(x.double(), A.double(), t.double())
-    want_dx = torch_backend.ecf_sums_backward(x.double(), A.double(), t.double(),
-                                         grad_cos.double(), grad_sin.double())
+    want = [s[0] for s in torch_backend.ecf_sums(x.double()[None], A.double(), t.double())]
+    want_dx = torch_backend.ecf_sums_backward(x.double()[None], A.double(), t.double(),
+                                              grad_cos.double()[None], grad_sin.double()[None])[0]
 
     def errors(dt):
         sums = ecf_forward(x, A, t, dt)
