@@ -65,6 +65,14 @@ class Launch:
         """Equal for launches that run the same binary (whatever their case)."""
         return self.kernel, self.signature, self.constants, self.divisible, self.options, self.jit_agrees
 
+    def config(self) -> str:
+        """The launch's configuration, "BLOCK_N,BLOCK_S,BLOCK_D,num_warps,num_stages"."""
+        constants, options = dict(self.constants), dict(self.options)
+        return ",".join(
+            str(v) for v in (*(constants[k] for k in ("BLOCK_N", "BLOCK_S", "BLOCK_D")),
+                             options["num_warps"], options["num_stages"])
+        )
+
     def describe(self) -> str:
         """The runtime arguments' specialisation, e.g. "N:i32/16 stride_xn=1"."""
         constants = dict(self.constants)
@@ -271,6 +279,7 @@ def build(launch: Launch, capability: int, asm: bool = False) -> dict:
         "shared": int(compiled.metadata.shared),
         "num_warps": int(compiled.metadata.num_warps),
         "specialisation": launch.describe(),
+        "config": launch.config(),
         "jit_agrees": launch.jit_agrees,
         **({"ptx": compiled.asm["ptx"], "sass": sass} if asm else {}),
     }
