@@ -4,8 +4,8 @@ Each backend is a module with one interface:
 
 - `NAME`: its name, as `backend=` takes it;
 - `unavailable() -> str | None`: why it cannot run on this machine at all (None: it can);
-- `unsupported(x, n_points, dt, groups=1) -> str | None`: why it does not take this call
-  (only x's dtype and device are read; `groups` is G);
+- `unsupported(x, n_points, dt) -> str | None`: why it does not take this call (only x's
+  dtype and device are read);
 - `ecf_sums(x, A, t, dt) -> (cos_sums, sin_sums)` and
   `ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt) -> grad_x`, with x [G, N, D], the sums
   and their gradients [G, S, T], grad_x [G, N, D].
@@ -53,11 +53,11 @@ def _unavailable(name: str) -> str:
     return TABLE[name].unavailable() or ""
 
 
-def choose(backend: str, x: torch.Tensor, n_points: int, dt: float, groups: int = 1) -> str:
+def choose(backend: str, x: torch.Tensor, n_points: int, dt: float) -> str:
     """The name of the backend that computes this call.
 
     x: the embeddings (their dtype and device decide); n_points: T; dt > 0 for the uniform
-    grid, 0 for any other; groups: G, the independent groups of rows.
+    grid, 0 for any other.
     "auto" (or `$LEJEPA_KERNELS_BACKEND` when set) picks per AUTO_ORDER, warning once when the
     native CPU kernel cannot be built; an explicit backend that cannot run here raises
     BackendUnavailable (CpuKernelUnavailable for "cpu"), one that does not take the call
@@ -69,20 +69,20 @@ def choose(backend: str, x: torch.Tensor, n_points: int, dt: float, groups: int 
         if backend not in CHOICES:
             raise ValueError(f"${BACKEND_ENV} must be one of {CHOICES}, got {backend!r}")
     if backend == "auto":
-        return _auto(x, n_points, dt, groups)
+        return _auto(x, n_points, dt)
     reason = _unavailable(backend)
     if reason:
         error = CpuKernelUnavailable if backend == "cpu" else BackendUnavailable
         raise error(f"backend={backend!r} cannot run here: {reason}; use backend='auto' or 'torch'")
-    reason = TABLE[backend].unsupported(x, n_points, dt, groups)
+    reason = TABLE[backend].unsupported(x, n_points, dt)
     if reason:
         raise ValueError(f"backend={backend!r} does not take this call: {reason}; use backend='auto' or 'torch'")
     return backend
 
 
-def _auto(x: torch.Tensor, n_points: int, dt: float, groups: int) -> str:
+def _auto(x: torch.Tensor, n_points: int, dt: float) -> str:
     for name in AUTO_ORDER.get(x.device.type, ("torch",)):
-        if TABLE[name].unsupported(x, n_points, dt, groups) is not None:
+        if TABLE[name].unsupported(x, n_points, dt) is not None:
             continue
         reason = _unavailable(name)
         if not reason:

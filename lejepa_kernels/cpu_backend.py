@@ -35,7 +35,7 @@ def unavailable() -> str | None:
     return unavailable_reason()
 
 
-def unsupported(x: torch.Tensor, n_points: int, dt: float, groups: int = 1) -> str | None:
+def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
     """Why the kernel does not take this call, or None: it takes CPU tensors of fp32, bf16 or
     fp16 on a uniform grid (dt > 0) of at most MAX_POINTS points, any number of groups."""
     if x.device.type != "cpu":

@@ -116,7 +116,7 @@ def ecf_sums(
     if not (x.device == A.device == t.device):
         raise ValueError(f"x, A and t must be on one device, got {x.device}, {A.device}, {t.device}")
     groups = x.reshape(-1, *x.shape[-2:])  # [G, N, D]: a view of x where its strides allow
-    backend = choose(backend, x, t.numel(), dt, groups.shape[0])
+    backend = choose(backend, x, t.numel(), dt)
     cos_sums, sin_sums = ops.ecf_sums(groups, A, t, backend, float(dt))
     shape = x.shape[:-2] + cos_sums.shape[1:]
     return cos_sums.view(shape), sin_sums.view(shape)

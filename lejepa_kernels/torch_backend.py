@@ -31,7 +31,7 @@ def unavailable() -> str | None:
     return None
 
 
-def unsupported(x: torch.Tensor, n_points: int, dt: float, groups: int = 1) -> str | None:
+def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
     """None: the PyTorch backend takes every call (any device, float dtype, grid and groups)."""
     return None
 

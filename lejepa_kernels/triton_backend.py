@@ -3,9 +3,7 @@
 They take fp32, bf16 and fp16 CUDA tensors, on any grid (a uniform one runs the trig recurrence,
 any other direct trig), and also run on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1`
 set before triton is imported). triton is imported at the first call, not with the package.
-
-The kernels take one group ([N, D]): a call of one group ([1, N, D]) runs them on x[0]; grouped
-input (G > 1) runs on the PyTorch path for now (`unsupported` says so).
+Grouped input [G, N, D] runs in one launch for all groups (one per chunk of slices backward).
 """
 
 from __future__ import annotations
@@ -31,9 +29,9 @@ def unavailable() -> str | None:
     return None
 
 
-def unsupported(x: torch.Tensor, n_points: int, dt: float, groups: int = 1) -> str | None:
+def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
     """Why the kernels do not take this call, or None: they take fp32, bf16 and fp16 CUDA
-    tensors (CPU tensors in Triton's interpreter), on any grid, of one group."""
+    tensors (CPU tensors in Triton's interpreter), on any grid, in any number of groups."""
     if x.dtype not in KERNEL_DTYPES:
         return f"it takes fp32, bf16 or fp16, got {x.dtype} (fp64 runs on the PyTorch backend)"
     if x.device.type != "cuda" and not interpreting():
@@ -41,21 +39,17 @@ def unsupported(x: torch.Tensor, n_points: int, dt: float, groups: int = 1) -> s
             f"it needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 before importing "
             "triton to run the kernels on the CPU"
         )
-    if groups > 1:
-        return "grouped input (G > 1) runs on the PyTorch path for now"
     return None
 
 
 def ecf_sums(
     x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, dt: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos_sums, sin_sums) [1, S, T] fp32 from x [1, N, D], A [D, S] and t [T]:
-    `kernels.ecf_forward` on x[0]."""
+    """(cos_sums, sin_sums) [G, S, T] fp32 from x [G, N, D], A [D, S] and t [T]:
+    `kernels.ecf_forward`, every group in one launch."""
     from .kernels import ecf_forward
 
-    _check_one_group(x)
-    cos_sums, sin_sums = ecf_forward(x[0], A, t, dt)
-    return cos_sums.unsqueeze(0), sin_sums.unsqueeze(0)
+    return ecf_forward(x, A, t, dt)
 
 
 def ecf_sums_backward(
@@ -66,14 +60,8 @@ def ecf_sums_backward(
     grad_sin: torch.Tensor,
     dt: float,
 ) -> torch.Tensor:
-    """dx [1, N, D] in x's dtype from the [1, S, T] gradients of the sums: `kernels.ecf_backward`
-    on x[0]."""
+    """dx [G, N, D] in x's dtype from the [G, S, T] gradients of the sums:
+    `kernels.ecf_backward`, every group in one launch per chunk of slices."""
     from .kernels import ecf_backward
 
-    _check_one_group(x)
-    return ecf_backward(x[0], A, t, grad_cos[0], grad_sin[0], dt).unsqueeze(0)
-
-
-def _check_one_group(x: torch.Tensor) -> None:
-    if x.dim() != 3 or x.shape[0] != 1:
-        raise ValueError(f"the Triton kernels take x of shape [1, N, D], got {tuple(x.shape)}")
+    return ecf_backward(x, A, t, grad_cos, grad_sin, dt)

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, grouped_oracle
+from conftest import CPU_BACKENDS, DEVICE, grouped_oracle
 
 from lejepa_kernels import FusedSlicedEppsPulley, backends, cpu_backend, ecf_sums, sliced_epps_pulley, torch_backend
 from lejepa_kernels.reference import SlicedEppsPulley, quadrature, random_directions
@@ -39,8 +39,9 @@ def stat_and_grad(fn, x, weights):
 
 def assert_matches_oracle(fn, x, unbiased, rtol):
     """fn(x) -> (*, S) statistics and their gradient against the fp64 oracle on x as given."""
-    A = random_directions(x.shape[-1], S, STEP)
+    A = random_directions(x.shape[-1], S, STEP, x.device)
     weights = torch.randn(*x.shape[:-2], S, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = weights.to(x.device)
     got, grad = stat_and_grad(fn, x, weights.to(torch.float64 if x.dtype == torch.float64 else torch.float32))
     want, want_grad = stat_and_grad(lambda z: grouped_oracle(z, A, T_MAX, N_POINTS, unbiased), x.double(), weights)
     assert got.shape == want.shape and grad.shape == x.shape and grad.dtype == x.dtype
@@ -177,21 +178,30 @@ def test_compiled_fullgraph_on_grouped_input():
     torch.testing.assert_close(loss_c.double(), want, rtol=2e-5, atol=0)
 
 
-def test_triton_takes_one_group_and_refuses_more():
-    """In Triton's interpreter: [1, N, D] (and (1, 1, N, D)) against fp64; G > 1 is refused by
-    name and runs on the PyTorch path under "auto" where Triton comes first."""
-    x = grouped_embeddings((1, 1), 37, seed=7, dtype=torch.float32)
+@pytest.mark.parametrize("lead", [(1,), (2,), (7,), (1, 1), (2, 3)], ids=["G1", "G2", "G7", "1x1", "2x3"])
+def test_triton_takes_every_group_in_one_launch(monkeypatch, lead):
+    """The Triton kernels (in the interpreter, or on the GPU) against fp64, for G = 1, 2, 7 and
+    4-D input: one forward launch and one backward launch per call, whatever G."""
+    pytest.importorskip("triton")
+    from lejepa_kernels.kernels import backward, forward
+
+    launches = []
+    for module, name in ((forward, "_ecf_forward_kernel"), (backward, "_ecf_backward_kernel")):
+        kernel = getattr(module, name)
+
+        class Counted:
+            def __getitem__(self, grid, kernel=kernel, name=name):
+                launches.append(name)
+                return kernel[grid]
+
+        monkeypatch.setattr(module, name, Counted())
+    x = grouped_embeddings(lead, 37, seed=7, dtype=torch.float32).to(DEVICE)
     module = FusedSlicedEppsPulley(S, T_MAX, N_POINTS, backend="triton", reduction="none", unbiased=True)
     module.global_step.fill_(STEP)
-    assert_matches_oracle(module, x, True, 2e-4)
-    with pytest.raises(ValueError, match=r"grouped input \(G > 1\) runs on the PyTorch path"):
-        sliced_epps_pulley(grouped_embeddings((2,), 9, dtype=torch.float32), 0, 8, backend="triton")
-    probe = torch.empty(2, 9, D)
-    assert backends.choose("triton", probe, N_POINTS, 0.1, groups=1) == "triton"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(backends.AUTO_ORDER, "cpu", ("triton", "torch"))
-        assert backends.choose("auto", probe, N_POINTS, 0.1, groups=1) == "triton"
-        assert backends.choose("auto", probe, N_POINTS, 0.1, groups=2) == "torch"
+    assert_matches_oracle(module.to(DEVICE), x, True, 2e-4)
+    assert launches == ["_ecf_forward_kernel", "_ecf_backward_kernel"]
+    probe = torch.empty(2, 9, D, device=DEVICE)
+    assert backends.choose("triton", probe, N_POINTS, 0.1) == "triton"
 
 
 def test_bad_options_and_shapes():

@@ -162,8 +162,8 @@ def test_the_kernels_assert_their_block_sizes():
         forward_module._ecf_forward_kernel[(1, 1, 1)](
             x, A, t, partials,  # pointers
             N, D, S,  # sizes
-            x.stride(0),  # strides
-            N, 0.0,  # scalars
+            N * D, x.stride(0),  # strides
+            1, N, 0.0,  # scalars
             T=T, CHUNK_T=T, UNIFORM=False, BLOCK_N=16, BLOCK_S=32, BLOCK_D=8, BLOCK_T=32,  # constexprs
             INPUT_PRECISION="ieee", UPCAST_BF16=False,
         )

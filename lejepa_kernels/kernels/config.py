@@ -130,23 +130,26 @@ def kernel_operands(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, A, t) in the layouts the kernels read, after checking dtypes, devices and shapes.
 
-    x: [N, D] fp32/bf16/fp16, any row stride, copied only if its features are not contiguous;
+    x: [N, D] or [G, N, D] (G groups of N rows) fp32/bf16/fp16, returned as [G, N, D] (G = 1
+    for 2-D input), any group and row strides, copied only if its features are not contiguous;
     A: [D, S] and t: [T], returned contiguous fp32 (copies only where they are not).
     """
     launch_device_check(x, A, t)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
-    if A.dim() != 2 or A.shape[0] != x.shape[1]:
-        raise ValueError(f"A must be [D, S] with D = x.shape[1] = {x.shape[1]}, got {tuple(A.shape)}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [N, D] or [G, N, D], got shape {tuple(x.shape)}")
+    if A.dim() != 2 or A.shape[0] != x.shape[-1]:
+        raise ValueError(f"A must be [D, S] with D = x.shape[-1] = {x.shape[-1]}, got {tuple(A.shape)}")
     if t.dim() != 1:
         raise ValueError(f"t must be 1-D [T], got shape {tuple(t.shape)}")
-    sizes = (("rows N", x.shape[0]), ("features D", x.shape[1]), ("slices S", A.shape[1]))
+    x = x if x.dim() == 3 else x.unsqueeze(0)
+    G, N, D = x.shape
+    sizes = (("rows G * N", G * N), ("features D", D), ("slices S", A.shape[1]))
     for name, size in sizes:
         if size >= INDEX_LIMIT:
             raise ValueError(
                 f"the Triton kernels take fewer than 2^31 {name}, got {size}; use backend='torch'"
             )
-    if x.stride(1) != 1 and x.shape[1] > 1:
+    if x.stride(2) != 1 and D > 1:
         x = x.contiguous()
     return x, A.to(torch.float32).contiguous(), t.to(torch.float32).contiguous()
 

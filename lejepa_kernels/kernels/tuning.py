@@ -52,11 +52,11 @@ def tuned_config(
     uniform: bool,
     launch: Callable[[KernelConfig], object],
 ) -> KernelConfig:
-    """The configuration of `kernel` ("forward" or "backward") for x [N, D] with n_slices and
+    """The configuration of `kernel` ("forward" or "backward") for x [G, N, D] with n_slices and
     n_points: the choice made on this GPU, or made now by timing `launch(config)` for each
     candidate (a launch must have no effect other than its result)."""
     candidates = CANDIDATES[kernel][x.dtype]
-    if x.shape[0] * n_slices < MIN_TUNED_PROJECTIONS or not _tuning_on(x):
+    if x.shape[0] * x.shape[1] * n_slices < MIN_TUNED_PROJECTIONS or not _tuning_on(x):
         return candidates[0]
     name = _file_name(x.device)
     choices = _load(name)
@@ -67,9 +67,11 @@ def tuned_config(
     return choices[key]
 
 
-def tuning_sample(n_rows: int, n_slices: int) -> tuple[int, int]:
-    """(rows, slices) of a call that its candidates are timed on."""
-    return min(n_rows, SAMPLE_ROWS), min(n_slices, SAMPLE_SLICES)
+def tuning_sample(n_groups: int, n_rows: int, n_slices: int) -> tuple[int, int]:
+    """(groups, rows per group, slices) of a call of n_groups groups of n_rows rows that its
+    candidates are timed on: at most SAMPLE_ROWS rows in all and SAMPLE_SLICES slices."""
+    rows = min(n_rows, SAMPLE_ROWS)
+    return max(1, min(n_groups, SAMPLE_ROWS // rows)), rows, min(n_slices, SAMPLE_SLICES)
 
 
 def _tuning_on(x: torch.Tensor) -> bool:
@@ -79,8 +81,10 @@ def _tuning_on(x: torch.Tensor) -> bool:
 
 
 def _key(kernel: str, x: torch.Tensor, n_slices: int, n_points: int, uniform: bool) -> str:
-    N, S = tuning_sample(x.shape[0], n_slices)
-    sizes = "-".join(f"{name}{triton.next_power_of_2(size)}" for name, size in zip("NDS", (N, x.shape[1], S)))
+    groups, rows, S = tuning_sample(*x.shape[:2], n_slices)
+    sizes = "-".join(
+        f"{name}{triton.next_power_of_2(size)}" for name, size in zip("NDS", (groups * rows, x.shape[2], S))
+    )
     return f"{kernel}:{str(x.dtype).removeprefix('torch.')}:{'uniform' if uniform else 'direct'}{n_points}:{sizes}"
 
 
