@@ -26,6 +26,11 @@ def check_num_slices(num_slices: int, name: str = "num_slices") -> None:
 def check_config(num_slices: int, t_max: float, n_points: int) -> None:
     """Raise ValueError unless num_slices >= 1, 0 < t_max < inf and n_points is odd and >= 3."""
     check_num_slices(num_slices)
+    check_grid(t_max, n_points)
+
+
+def check_grid(t_max: float, n_points: int) -> None:
+    """Raise ValueError unless 0 < t_max < inf (in fp32) and n_points is odd and >= 3."""
     if not (
         isinstance(t_max, (int, float))
         and not isinstance(t_max, bool)
