@@ -4,12 +4,12 @@ compat_standins): buffers, state_dict, directions per step, reductions, clip_val
 import copy
 import pickle
 
+import compat_standins as official
 import pytest
 import torch
 from compat_standins import official_directions, official_grid, official_sliced, official_statistics
 from conftest import CPU_BACKENDS
 
-import compat_standins as official
 from lejepa_kernels.compat.lejepa import EppsPulley, SlicingUnivariateTest
 from lejepa_kernels.reference import random_directions
 
