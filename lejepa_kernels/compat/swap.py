@@ -89,7 +89,9 @@ def swap_sigreg(model: nn.Module) -> int:
     pending = [model]
     while pending:
         parent = pending.pop()
-        for name, child in parent.named_children():
+        for name, child in parent._modules.items():  # every name, a shared module's too
+            if child is None:
+                continue
             if _builder(child) is None:
                 pending.append(child)
             else:
