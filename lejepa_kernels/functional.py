@@ -17,10 +17,20 @@ REDUCTIONS = ("mean", "sum", "none")
 """How the (*, S) statistics become the result: their mean (the seed's loss), sum, or themselves."""
 
 
+def check_num_slices(num_slices: int, name: str = "num_slices") -> None:
+    """Raise ValueError unless num_slices is an integer >= 1 (`name`: the argument's name)."""
+    if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {num_slices!r}")
+
+
 def check_config(num_slices: int, t_max: float, n_points: int) -> None:
     """Raise ValueError unless num_slices >= 1, 0 < t_max < inf and n_points is odd and >= 3."""
-    if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
-        raise ValueError(f"num_slices must be an integer >= 1, got {num_slices!r}")
+    check_num_slices(num_slices)
+    check_grid(t_max, n_points)
+
+
+def check_grid(t_max: float, n_points: int) -> None:
+    """Raise ValueError unless 0 < t_max < inf (in fp32) and n_points is odd and >= 3."""
     if not (
         isinstance(t_max, (int, float))
         and not isinstance(t_max, bool)
@@ -166,6 +176,40 @@ def _min_rows(reduce: bool, unbiased: bool, process_group: Optional[dist.Process
     return 2 if unbiased and group_size(process_group) < 2 else 1
 
 
+def sliced_epps_pulley_on_directions(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    t: torch.Tensor,
+    phi: torch.Tensor,
+    weights: torch.Tensor,
+    backend: str = "auto",
+    dt: float = 0.0,
+    *,
+    process_group: Optional[dist.ProcessGroup] = None,
+    distributed: bool = True,
+    reduction: str = "mean",
+    unbiased: bool = False,
+) -> torch.Tensor:
+    """SIGReg of x [N, D] or (*, N, D) (groups) on given directions A [D, S] (no gradient) and
+    a given quadrature grid (t, phi, weights: [T]), the same directions for every group.
+
+    When torch.distributed is initialised and `distributed` is true, each group's sums and row
+    count are summed over the ranks of `process_group` (None: the world) in one all-reduce, so
+    the loss is that of the concatenated batch. Returns the `reduction` of the (*, S)
+    statistics: 0-d, or (*, S) for "none"; fp32 (fp64 for fp64 x).
+    """
+    reduce = distributed and is_distributed()
+    check_embeddings(x, min_rows=_min_rows(reduce, unbiased, process_group))
+    cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend, dt=dt)
+    n = cos_sums.new_full(x.shape[:-2], x.shape[-2])
+    if reduce:
+        cos_sums, sin_sums, n = all_reduce_sums(cos_sums, sin_sums, n, process_group)
+    statistic = epps_pulley_statistic(
+        cos_sums, sin_sums, n, phi.to(cos_sums), weights.to(cos_sums), unbiased
+    )
+    return reduce_statistic(statistic, reduction)
+
+
 def sliced_epps_pulley_on_grid(
     x: torch.Tensor,
     step: torch.Tensor,
@@ -181,25 +225,24 @@ def sliced_epps_pulley_on_grid(
     reduction: str = "mean",
     unbiased: bool = False,
 ) -> torch.Tensor:
-    """SIGReg of x [N, D] or (*, N, D) (groups) on a given quadrature grid (t, phi, weights: [T]).
-
-    The directions are the seed's for the 0-d integer tensor `step`, the same for every group.
-    When torch.distributed is initialised and `distributed` is true, each group's sums and row
-    count are summed over the ranks of `process_group` (None: the world) in one all-reduce, so
-    the loss is that of the concatenated batch. Returns the `reduction` of the (*, S)
-    statistics: 0-d, or (*, S) for "none"; fp32 (fp64 for fp64 x).
-    """
+    """`sliced_epps_pulley_on_directions` on the seed's directions for the 0-d integer tensor
+    `step` (drawn on x's device)."""
     reduce = distributed and is_distributed()
     check_embeddings(x, min_rows=_min_rows(reduce, unbiased, process_group))
     A = ops.directions(step, x.shape[-1], num_slices, x.device)
-    cos_sums, sin_sums = ecf_sums(x, A, t.to(x.device), backend, dt=dt)
-    n = cos_sums.new_full(x.shape[:-2], x.shape[-2])
-    if reduce:
-        cos_sums, sin_sums, n = all_reduce_sums(cos_sums, sin_sums, n, process_group)
-    statistic = epps_pulley_statistic(
-        cos_sums, sin_sums, n, phi.to(cos_sums), weights.to(cos_sums), unbiased
+    return sliced_epps_pulley_on_directions(
+        x,
+        A,
+        t,
+        phi,
+        weights,
+        backend,
+        dt,
+        process_group=process_group,
+        distributed=distributed,
+        reduction=reduction,
+        unbiased=unbiased,
     )
-    return reduce_statistic(statistic, reduction)
 
 
 def _step_tensor(step: int | torch.Tensor) -> torch.Tensor:

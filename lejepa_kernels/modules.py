@@ -1,4 +1,6 @@
-"""`FusedSlicedEppsPulley`: the drop-in for the seed's `SlicedEppsPulley` (in `reference.py`)."""
+"""`FusedSlicedEppsPulley`, the drop-in for the seed's `SlicedEppsPulley` (in `reference.py`), and
+the bases it shares with the compat modules: `OnGrid` (the grid buffers and their spacing) and
+`SlicedStatistics` (the step counter that seeds the directions)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from .functional import (
     check_config,
     check_embeddings,
     check_loss_options,
+    check_num_slices,
     sliced_epps_pulley_on_grid,
     uniform_spacing,
 )
 from .reference import EppsPulley
 
-__all__ = ["FusedSlicedEppsPulley"]
+__all__ = ["FusedSlicedEppsPulley", "OnGrid", "SlicedStatistics"]
 
 
 def step_is_on_host(step: torch.Tensor) -> bool:
@@ -27,7 +30,134 @@ def step_is_on_host(step: torch.Tensor) -> bool:
     return step.device.type == "cpu"
 
 
-class FusedSlicedEppsPulley(nn.Module):
+def _after_load(module: OnGrid, incompatible_keys) -> None:
+    module._on_load()
+
+
+class OnGrid(nn.Module):
+    """Base of the SIGReg modules: their quadrature grid is the `t`, `phi` and `weights` buffers
+    ([T] each) of the submodule `grid` names, and the grid spacing `dt` the kernels use is read
+    off `t` at construction (the subclass calls `_resync_grid` once `grid` exists), after
+    `load_state_dict`, and in eager mode whenever `t` was edited in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dt = 0.0
+        self._grid_version = -1
+        self.register_load_state_dict_post_hook(_after_load)
+
+    @property
+    def grid(self) -> nn.Module:
+        """The module holding the buffers t, phi and weights."""
+        raise NotImplementedError
+
+    def _on_load(self) -> None:
+        self._resync_grid()
+
+    def _resync_grid(self) -> None:
+        """Read the grid spacing off `t` (waits for the device once): the kernels' trig
+        recurrence for a uniform grid from 0, direct trig for any other."""
+        self.dt = uniform_spacing(self.grid.t)
+        self._grid_version = self.grid.t._version
+
+    def _grid_spacing(self) -> float:
+        """`dt` for `t` as it is now: eager calls notice an in-place edit of the
+        grid (its version counter moves); compiled ones rely on `load_state_dict`."""
+        if not torch.compiler.is_compiling() and self.grid.t._version != self._grid_version:
+            self._resync_grid()
+        return self.dt
+
+
+class SlicedStatistics(OnGrid):
+    """Base of the modules whose directions are the seed's for their `global_step` buffer
+    (drawn on the embeddings' device), which each call advances by one.
+
+    The directions are drawn from a host-side copy of `global_step`, so a call on a GPU never
+    waits for the device to read the step. The copy follows the module's own updates and
+    `load_state_dict`; after editing `global_step` in place by hand, call `resync_step()`.
+    Under torch.distributed (with `distributed` true) the first call, and the first after
+    `load_state_dict` or `resync_step`, broadcasts `global_step` from the group's rank 0.
+    """
+
+    def __init__(
+        self,
+        num_slices: int,
+        *,
+        backend: str = "auto",
+        process_group: Optional[dist.ProcessGroup] = None,
+        distributed: bool = True,
+    ):
+        super().__init__()
+        check_num_slices(num_slices)
+        check_choice(backend)
+        check_group(process_group)
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
+        self.num_slices = num_slices
+        self.backend = backend
+        self.process_group = process_group
+        self.distributed = distributed
+        self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
+        self._host_step = torch.zeros((), dtype=torch.long)
+        self._step_broadcast = False
+
+    def _on_load(self) -> None:
+        self.resync_step()
+        self._resync_grid()
+
+    def resync_step(self) -> None:
+        """Copy `global_step` to its host-side copy (waits for the device once); the next call
+        under torch.distributed broadcasts it from rank 0 again."""
+        with torch.no_grad():
+            self._host_step.copy_(self.global_step)
+        self._step_broadcast = False
+
+    def _broadcast_step(self, device: torch.device) -> None:
+        """Set `global_step` and its host copy to rank 0's step (one collective, one sync).
+
+        The step travels on the embeddings' device, which the group's backend serves."""
+        with torch.no_grad():
+            step = broadcast_from_first_rank(self.global_step.to(device), self.process_group)
+            self.global_step.copy_(step)
+            self._host_step.copy_(step)
+        self._step_broadcast = True
+
+    def _sampling_step(self) -> torch.Tensor:
+        """The step as a CPU tensor: the buffer itself when it lives on the CPU, else the copy."""
+        if step_is_on_host(self.global_step):
+            with torch.no_grad():
+                self._host_step.copy_(self.global_step)
+            return self.global_step
+        return self._host_step
+
+    def _statistics(self, x: torch.Tensor, reduction: str, unbiased: bool) -> torch.Tensor:
+        """The `reduction` of the (*, S) statistics of x (*, N, D) at this step; advances it."""
+        if self.distributed and not self._step_broadcast and is_distributed():
+            check_embeddings(x, min_rows=1)
+            self._broadcast_step(x.device)
+        step = self._sampling_step()
+        grid = self.grid
+        result = sliced_epps_pulley_on_grid(
+            x,
+            step,
+            self.num_slices,
+            grid.t,
+            grid.phi,
+            grid.weights,
+            self.backend,
+            self._grid_spacing(),
+            process_group=self.process_group,
+            distributed=self.distributed,
+            reduction=reduction,
+            unbiased=unbiased,
+        )
+        with torch.no_grad():
+            self.global_step.add_(1)
+            self._host_step.add_(1)
+        return result
+
+
+class FusedSlicedEppsPulley(SlicedStatistics):
     """Drop-in for the seed's `SlicedEppsPulley`: same arguments, buffers, state_dict, numbers.
 
     Calling it on embeddings x [N, D] (fp32, bf16, fp16 or fp64) returns the scalar SIGReg loss
@@ -65,9 +195,7 @@ class FusedSlicedEppsPulley(nn.Module):
     The grid is the `ep.t`, `ep.phi` and `ep.weights` buffers, as in the seed: after
     `load_state_dict` the loaded grid is used, whatever the constructor's arguments were.
 
-    The directions are drawn from a host-side copy of `global_step`, so a call on a GPU never
-    waits for the device to read the step. The copy follows the module's own updates and
-    `load_state_dict`; after editing `global_step` in place by hand, call `resync_step()`.
+    The step counter's machinery (`resync_step`, the host-side copy) is `SlicedStatistics`'s.
     """
 
     def __init__(
@@ -82,93 +210,22 @@ class FusedSlicedEppsPulley(nn.Module):
         reduction: str = "mean",
         unbiased: bool = False,
     ):
-        super().__init__()
         check_config(num_slices, t_max, n_points)
-        check_choice(backend)
-        check_group(process_group)
         check_loss_options(reduction, unbiased)
-        if not isinstance(distributed, bool):
-            raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
-        self.num_slices = num_slices
-        self.backend = backend
-        self.process_group = process_group
-        self.distributed = distributed
+        super().__init__(num_slices, backend=backend, process_group=process_group, distributed=distributed)
         self.reduction = reduction
         self.unbiased = unbiased
         self.ep = EppsPulley(t_max=t_max, n_points=n_points)
-        self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
-        self._host_step = torch.zeros((), dtype=torch.long)
-        self._step_broadcast = False
-        self._resync_grid()
-        self.register_load_state_dict_post_hook(FusedSlicedEppsPulley._after_load)
-
-    def _after_load(self, incompatible_keys) -> None:
-        self.resync_step()
         self._resync_grid()
 
-    def _resync_grid(self) -> None:
-        """Read the grid spacing off `ep.t` (waits for the device once): the kernels' trig
-        recurrence for a uniform grid from 0, direct trig for any other."""
-        self.dt = uniform_spacing(self.ep.t)
-        self._grid_version = self.ep.t._version
-
-    def _grid_spacing(self) -> float:
-        """`dt` for `ep.t` as it is now: eager calls notice an in-place edit of the
-        grid (its version counter moves); compiled ones rely on `load_state_dict`."""
-        if not torch.compiler.is_compiling() and self.ep.t._version != self._grid_version:
-            self._resync_grid()
-        return self.dt
-
-    def resync_step(self) -> None:
-        """Copy `global_step` to its host-side copy (waits for the device once); the next call
-        under torch.distributed broadcasts it from rank 0 again."""
-        with torch.no_grad():
-            self._host_step.copy_(self.global_step)
-        self._step_broadcast = False
-
-    def _broadcast_step(self, device: torch.device) -> None:
-        """Set `global_step` and its host copy to rank 0's step (one collective, one sync).
-
-        The step travels on the embeddings' device, which the group's backend serves."""
-        with torch.no_grad():
-            step = broadcast_from_first_rank(self.global_step.to(device), self.process_group)
-            self.global_step.copy_(step)
-            self._host_step.copy_(step)
-        self._step_broadcast = True
-
-    def _sampling_step(self) -> torch.Tensor:
-        """The step as a CPU tensor: the buffer itself when it lives on the CPU, else the copy."""
-        if step_is_on_host(self.global_step):
-            with torch.no_grad():
-                self._host_step.copy_(self.global_step)
-            return self.global_step
-        return self._host_step
+    @property
+    def grid(self) -> nn.Module:
+        return self.ep
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, D] or (*, N, D) embeddings. Returns the loss (0-d), or the statistics (*, S)
         when reduction is "none"."""
-        if self.distributed and not self._step_broadcast and is_distributed():
-            check_embeddings(x, min_rows=1)
-            self._broadcast_step(x.device)
-        step = self._sampling_step()
-        loss = sliced_epps_pulley_on_grid(
-            x,
-            step,
-            self.num_slices,
-            self.ep.t,
-            self.ep.phi,
-            self.ep.weights,
-            self.backend,
-            self._grid_spacing(),
-            process_group=self.process_group,
-            distributed=self.distributed,
-            reduction=self.reduction,
-            unbiased=self.unbiased,
-        )
-        with torch.no_grad():
-            self.global_step.add_(1)
-            self._host_step.add_(1)
-        return loss
+        return self._statistics(x, self.reduction, self.unbiased)
 
     def extra_repr(self) -> str:
         return (
