@@ -19,7 +19,7 @@ __all__ = [
     "ecf_sums",
     "sliced_epps_pulley",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place it is written: pyproject.toml reads it at build time
 
 _MODEL_NAMES = ("LeJEPA", "LeJEPAOutput")
 
