@@ -23,7 +23,7 @@ __all__ = [
     "sliced_epps_pulley",
     "swap_sigreg",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place it is written: pyproject.toml reads it at build time
 
 _MODEL_NAMES = ("LeJEPA", "LeJEPAOutput")
 

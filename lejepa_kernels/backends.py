@@ -46,11 +46,16 @@ def check_choice(backend: str) -> None:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
 
 
-@torch.compiler.assume_constant_result
 def _unavailable(name: str) -> str:
     """Why backend `name` cannot run here ("" when it can): a constant for torch.compile, which
     calls it instead of tracing a build of the CPU kernel."""
     return TABLE[name].unavailable() or ""
+
+
+# The mark that `torch.compiler.assume_constant_result` sets, set without calling it: it imports
+# torch._dynamo, and with it triton, which `import lejepa_kernels` must not (tests/test_imports.py
+# checks that the two marks agree).
+_unavailable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def choose(backend: str, x: torch.Tensor, n_points: int, dt: float) -> str:
