@@ -42,7 +42,8 @@ class KernelConfig:
 # The configurations `tuning` chooses from, per kernel and dtype; the first is the default
 # (the interpreter, and wherever tuning is off): the fastest measured on an H200 (benchmarks/
 # results/2026-11-28-nvidia-h200-torch2.11-triton3.6-kernels-after.txt). Each compiles without
-# register spills for sm_80 and sm_90 under Triton 3.6 and 3.8 (tests/test_compile_targets.py).
+# register spills for sm_80 and sm_90 under Triton 3.6 and 3.8 (benchmarks/kernel_report.py, every
+# candidate of every case; tests/test_compile_targets.py, the defaults and the bf16 candidates).
 # With 4 warps on a 64 x 64 tile sm_90's wgmma layout splits only the slices axis over warps
 # (warpsPerCTA [4, 1]), so the forward's row sums stay inside a warp (7 bar.sync in its PTX, in
 # the D loop); sm_80's mma splits it [2, 2] (77 bar.sync), and block_s 128 x block_n 32 gives it
