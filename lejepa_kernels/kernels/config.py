@@ -40,30 +40,39 @@ class KernelConfig:
 
 
 # The configurations `tuning` chooses from, per kernel and dtype; the first is the default
-# (the interpreter, and wherever tuning is off): the fastest measured on an H200 (benchmarks/
-# results/2026-11-28-nvidia-h200-torch2.11-triton3.6-kernels-after.txt). Each compiles without
-# register spills for sm_80 and sm_90 under Triton 3.6 and 3.8 (benchmarks/kernel_report.py, every
-# candidate of every case; tests/test_compile_targets.py, the defaults and the bf16 candidates).
+# (the interpreter, and wherever tuning is off). The 16-bit defaults are the fastest measured on
+# an H200 (benchmarks/results/2026-11-28-nvidia-h200-torch2.11-triton3.6-kernels-after.txt).
 # With 4 warps on a 64 x 64 tile sm_90's wgmma layout splits only the slices axis over warps
 # (warpsPerCTA [4, 1]), so the forward's row sums stay inside a warp (7 bar.sync in its PTX, in
-# the D loop); sm_80's mma splits it [2, 2] (77 bar.sync), and block_s 128 x block_n 32 gives it
-# [4, 1] again (8): tuning picks between them there.
-# The last of each list is the configuration before tuning existed, so no GPU can be slower.
-# fp32 tiles reach tl.dot as 3xTF32 (each operand split in two), hence narrower D steps.
+# the D loop); sm_80's mma splits it [2, 2] (77 bar.sync). Each list holds the configuration
+# from before tuning existed, so no GPU can be slower. fp32 tiles reach tl.dot as
+# 3xTF32 (each operand split in two), hence narrower D steps. Every default compiles without
+# register spills for sm_80 and sm_90 under Triton 3.6 and 3.8 (tests/test_compile_targets.py,
+# with every bf16 candidate; benchmarks/kernel_report.py compiles every candidate of every case).
+# One candidate spills there: fp32's 4-warp forward, 104 bytes on sm_90 under Triton 3.6 on
+# shapes that are not multiples of 16; it runs only where tuning measured it faster (2.9 against
+# 5.2 ms for the 8-warp one at 8192 x 512 x 8192 on the H200).
 _FORWARD_16BIT = (
     KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=3),
     KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=2),
-    KernelConfig(block_n=32, block_s=128, block_d=32, num_warps=4, num_stages=2),
     KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1),
 )
 FORWARD_CANDIDATES = {
     torch.float32: (
-        KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=4, num_stages=2),
         KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=8, num_stages=1),
+        KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=4, num_stages=2),
     ),
     torch.bfloat16: _FORWARD_16BIT,
     torch.float16: _FORWARD_16BIT,
 }
+LONG_GRID_FORWARD_CANDIDATES = {
+    torch.float32: (KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=8, num_stages=1),),
+    torch.bfloat16: (_FORWARD_16BIT[-1],),
+    torch.float16: (_FORWARD_16BIT[-1],),
+}
+"""The forward on grids of more than SINGLE_CHUNK_POINTS points, whose chunk starts take a
+direct sincos per projection: the 4-warp tiles spill there (up to 180 bytes on sm_80 under
+Triton 3.6), the 8-warp ones do not."""
 BACKWARD_CANDIDATES = {
     torch.float32: (
         KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=3),

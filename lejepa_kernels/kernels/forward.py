@@ -163,8 +163,9 @@ def ecf_forward(
     if config is None:
         groups, rows, slices = tuning_sample(*x.shape[:2], directions.shape[1])
         sample = (x[:groups, :rows], directions[:, :slices].contiguous(), t)
+        kernel = "forward" if grid_chunk(t.numel()) == t.numel() else "forward_long_grid"
         config = tuned_config(
-            "forward", x, directions.shape[1], t.numel(), dt > 0, lambda candidate: _launch(*sample, dt, candidate)
+            kernel, x, directions.shape[1], t.numel(), dt > 0, lambda candidate: _launch(*sample, dt, candidate)
         )
     partials = _launch(x, directions, t, dt, config)
     partials = partials.view(x.shape[0], -1, *partials.shape[1:])  # [G, splits, 2, T, S]

@@ -27,13 +27,17 @@ import torch
 import triton
 
 from .. import private_cache
-from .config import BACKWARD_CANDIDATES, FORWARD_CANDIDATES, KernelConfig
+from .config import BACKWARD_CANDIDATES, FORWARD_CANDIDATES, LONG_GRID_FORWARD_CANDIDATES, KernelConfig
 
 TUNING_ENV = "LEJEPA_KERNELS_TUNING"
 MIN_TUNED_PROJECTIONS = 1 << 22
 """Calls with fewer projections N * S than this take the first candidate: their launch costs
 more than any configuration saves, and tuning them would cost more still."""
-CANDIDATES = {"forward": FORWARD_CANDIDATES, "backward": BACKWARD_CANDIDATES}
+CANDIDATES = {
+    "forward": FORWARD_CANDIDATES,
+    "forward_long_grid": LONG_GRID_FORWARD_CANDIDATES,
+    "backward": BACKWARD_CANDIDATES,
+}
 SAMPLE_ROWS, SAMPLE_SLICES = 8192, 16384
 """Candidates are timed on at most this many rows and slices of a call (the paper's workload
 fits): enough to fill a GPU, and a huge call is not run dozens of times."""
@@ -52,11 +56,11 @@ def tuned_config(
     uniform: bool,
     launch: Callable[[KernelConfig], object],
 ) -> KernelConfig:
-    """The configuration of `kernel` ("forward" or "backward") for x [G, N, D] with n_slices and
+    """The configuration of `kernel` (a key of CANDIDATES) for x [G, N, D] with n_slices and
     n_points: the choice made on this GPU, or made now by timing `launch(config)` for each
     candidate (a launch must have no effect other than its result)."""
     candidates = CANDIDATES[kernel][x.dtype]
-    if x.shape[0] * x.shape[1] * n_slices < MIN_TUNED_PROJECTIONS or not _tuning_on(x):
+    if len(candidates) == 1 or x.shape[0] * x.shape[1] * n_slices < MIN_TUNED_PROJECTIONS or not _tuning_on(x):
         return candidates[0]
     name = _file_name(x.device)
     choices = _load(name)
