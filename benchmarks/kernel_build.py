@@ -65,6 +65,14 @@ class Launch:
         """Equal for launches that run the same binary (whatever their case)."""
         return self.kernel, self.signature, self.constants, self.divisible, self.options, self.jit_agrees
 
+    def config(self) -> str:
+        """The launch's configuration, "BLOCK_N,BLOCK_S,BLOCK_D,num_warps,num_stages"."""
+        constants, options = dict(self.constants), dict(self.options)
+        return ",".join(
+            str(v) for v in (*(constants[k] for k in ("BLOCK_N", "BLOCK_S", "BLOCK_D")),
+                             options["num_warps"], options["num_stages"])
+        )
+
     def describe(self) -> str:
         """The runtime arguments' specialisation, e.g. "N:i32/16 stride_xn=1"."""
         constants = dict(self.constants)
@@ -154,6 +162,8 @@ def case_launches(dtype: torch.dtype, grid: str, shape: str, candidate: int = 0)
     N, D, S = SHAPES[shape]
     forward_candidates = config.FORWARD_CANDIDATES[dtype]
     backward_candidates = config.BACKWARD_CANDIDATES[dtype]
+    if candidate == 0:  # the launchers' own defaults (the long grid's forward has its own)
+        return record_launches(dtype, grid, N, D, S, case=(TRITON_TYPES[dtype], grid, shape))
     return record_launches(
         dtype, grid, N, D, S, case=(TRITON_TYPES[dtype], grid, shape),
         forward_config=forward_candidates[min(candidate, len(forward_candidates) - 1)],
@@ -212,14 +222,17 @@ def record_launches(
 
 
 def launches() -> list[Launch]:
-    """Every distinct launch of every case, in a fixed order: every candidate configuration that
-    tuning may choose on the aligned shape, the default one on the ragged shape."""
+    """Every distinct launch of every case, in a fixed order: the default configuration of
+    every case, and every other candidate that tuning may choose on the workloads' case (bf16,
+    the uniform grid, the aligned shape). The report (benchmarks/kernel_report.py) compiles every
+    candidate of every case; the tests keep to these, which take a CI run a few minutes."""
     distinct: dict[tuple, Launch] = {}
     candidates = max(map(len, (*config.FORWARD_CANDIDATES.values(), *config.BACKWARD_CANDIDATES.values())))
     for dtype in TRITON_TYPES:
         for grid in GRIDS:
             for shape in SHAPES:
-                for candidate in range(candidates if shape == "aligned" else 1):
+                workload = (dtype, grid, shape) == (torch.bfloat16, "uniform", "aligned")
+                for candidate in range(candidates if workload else 1):
                     for launch in case_launches(dtype, grid, shape, candidate):
                         distinct.setdefault(launch.key(), launch)
     return list(distinct.values())
@@ -271,6 +284,7 @@ def build(launch: Launch, capability: int, asm: bool = False) -> dict:
         "shared": int(compiled.metadata.shared),
         "num_warps": int(compiled.metadata.num_warps),
         "specialisation": launch.describe(),
+        "config": launch.config(),
         "jit_agrees": launch.jit_agrees,
         **({"ptx": compiled.asm["ptx"], "sass": sass} if asm else {}),
     }

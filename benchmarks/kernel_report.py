@@ -8,8 +8,10 @@ No GPU is needed. Each variant (kernel x dtype x grid kind x configuration) is l
 real launchers (`forward.ecf_forward`, `backward.ecf_backward`) at the paper workload's sizes,
 N = 8192 rows, D = 512 features, S = 8192 slices (T = 17 points, or 129 for the "uniform_long"
 grid), on CPU tensors with the kernels recorded instead of run (benchmarks/kernel_build.py): the
-forward aims at 4 programs per SM on 132 SMs (`program_count_target`) and the backward cuts its
-slices in DP_CHUNK_BYTES chunks, so grids and program counts are the launchers' own. Each recorded
+forward aims at config.PROGRAMS_PER_SM (8) programs per SM on 132 SMs (`program_count_target`),
+its grid (slice tiles, row splits, chunks of grid points: `config.grid_chunk`, 17 -> one chunk of
+17, 129 -> 9 chunks of 15), and the backward cuts its slices in DP_CHUNK_BYTES chunks (1 GiB: one
+chunk at the paper sizes), so grids and program counts are the launchers' own. Each recorded
 launch is specialised as Triton's JIT specialises it and compiled for sm_80 and sm_90; the report
 reads registers and spills from the ptxas log, shared memory from Triton's metadata, and the
 instructions from the SASS (cuobjdump) and the PTX. Configurations come from
@@ -29,24 +31,41 @@ Loops: the SASS is one instruction stream that every warp runs. A branch to a lo
 closes a loop spanning [target, branch]; loops nest by containment, and each instruction belongs
 to the innermost loop holding it (the PTX is read the same way, by `bra` to an earlier label).
 The loop whose own body holds the tensor-core instructions is the D loop (the projection tile's
-walk over features); the forward's loop around it is the row-block loop (one tile per trip); any
-other loop is the loop over grid points (T trips per tile). Per iteration the report counts
-barriers (BAR.SYNC; PTX bar.sync), global loads (LDG, LDGSTS: cp.async; PTX ld.global,
-cp.async), stores (STG; st.global) and atomics (ATOM, RED; atom/red.global). Trips: the grid loop
-runs T times per tile and the row loop runs each split's row blocks; the D loop's trips are solved
-from the tensor-core work, which must total 2 BLOCK_S BLOCK_N D flops per tile times the passes
-one BLOCK_D step takes (1 for 16-bit dots; fp32's 3xTF32 takes 3 HMMA passes on sm_80 and 5 HGMMA
-on sm_90 here), so a pipeliner's peeled prologue and epilogue are accounted for; the report says
-whether that came out a whole number ("d_trips_exact"), else it uses cdiv(D, BLOCK_D).
+walk over features); a loop around it is the forward's row-block loop (one projection tile per
+trip); of the other loops, one that holds another is the backward's chunk loop (one trip per
+chunk of grid points) and an innermost one is a point loop ("grid"). A "tile" is one projection
+tile: in the forward one (slice tile, chunk, row block), so a program with R row blocks runs the
+row loop R times; in the backward one program. Per tile the point loop runs CHUNK_T times in the
+forward (direct grid; on the uniform grid `tl.static_range` unrolls the chunk's points into the
+row loop's body, so there is no point loop) and T times in all in the backward (its outer
+runtime loop over chunks, inner over the chunk's points). Restarts on the long grid sit where the
+code puts them and are counted at their region's rate: the forward's chunk start (direct trig of
+each element, once per chunk) in the row loop's body, the backward's in the chunk loop's body.
+Per iteration the report counts barriers (BAR.SYNC; PTX bar.sync), global loads (LDG, LDGSTS:
+cp.async; PTX ld.global, cp.async), stores (STG; st.global) and atomics (ATOM, RED;
+atom/red.global). The D loop's trips are solved from the tensor-core work, which must total 2
+BLOCK_S BLOCK_N D flops per tile times the passes one BLOCK_D step takes (1 for 16-bit dots;
+fp32's 3xTF32 takes 3 HMMA passes on sm_80 and 5 HGMMA on sm_90 here), so a pipeliner's peeled
+prologue and epilogue are accounted for; the report says whether that came out a whole number
+("d_trips_exact"), else it uses cdiv(D, BLOCK_D).
+
+Forward per row block ("row_block"): what one trip of the row loop issues per warp, its own body
+plus the D loop's trips plus the point loop's CHUNK_T trips: barriers, global loads, stores and
+atomics. Its barriers are split into the D loop's, "pipeline" ones (in the row loop's own body:
+before the D loop, its pipeline's prologue; after it, at most 64 instructions after a DEPBAR,
+the wait for cp.async copies, with no barrier between: the drain, which ptxas may schedule into
+the trig that follows) and "other" (the rest: e.g. cross-warp row sums through shared memory,
+when the warps split the rows of the tile). No global store or atomic per row block means no
+global read-modify-write of the sums.
 
 Time model (sm_90 SASS, at the paper workload on an H100 SXM: 132 SMs at 1.83 GHz). Each
 instruction of a region is issued once per warp per execution of the region, and the region runs
-(programs, tiles, tiles x D trips or tiles x T times in all); every instruction counts whether its
-predicate is on or not. The only branches inside the loop bodies here are the grid loop's
-restarts from direct trig on grids longer than RESEED_EVERY = 32 points (T = 129: 4 of the 129
-points); what a grid loop's forward branch jumps over is counted at that rate. The warp
-instructions of each class, summed over the launch, are divided by the class's per-SM rate and
-the SM count:
+(top level: programs; row loop: tiles; D loop: tiles x D trips; chunk loop: tiles x chunks; point
+loop: tiles x CHUNK_T in the forward, tiles x T in the backward); every instruction counts
+whether its predicate is on or not, and what a forward branch jumps over counts at its region's
+rate (the loop bodies' only forward branches here skip a D loop of one trip or leave a loop). The
+warp instructions of each class, summed over the launch, are divided by the class's per-SM rate
+and the SM count:
   tensor cores   the flops of each HMMA (m16n8k16: 4,096 per warp) or HGMMA (m x n x k per warp
                  group: a quarter per warp) at 990 TFLOP/s dense for bf16/fp16, 495 for TF32
   FP32           FFMA, FADD, FMUL: 128 lanes per clock per SM (4 warp instructions)
@@ -58,8 +77,9 @@ the SM count:
   issue          every instruction but NOP: 4 schedulers, one warp instruction each per clock
                  (barriers, branches, special-register and constant reads and the uniform
                  datapath's U* instructions count toward issue only)
-and the DRAM time is the compulsory bytes (x, A, t and the coefficients read once, the partial
-sums or dP written once: the tiles' re-reads are assumed to hit L2) at 3.35 TB/s. The estimate
+and the DRAM time is the compulsory bytes (x, A in x's dtype, t and the coefficients read once,
+the partial sums or dP written once: the tiles' re-reads are assumed to hit L2; the launcher's
+rounding of A and the forward's sum over splits are outside) at 3.35 TB/s. The estimate
 is the largest of these (a roofline per unit; its name is the "bound"); the L2-to-SM bytes the
 SASS's global loads and stores move are reported beside it, not modelled. The model ignores
 latency (dependent chains, memory and barrier waits), occupancy and the tail wave (it assumes
@@ -69,6 +89,12 @@ conflicts, clock throttling, and the launch overheads and work outside the kerne
 sum over splits, the backward's cuBLAS dP @ A^T, 2 N S D flops). It also treats mma.sync (HMMA)
 on sm_90 as reaching the dense peak, which Hopper reaches only with HGMMA. It is meant to compare
 variants and configurations, not to predict times to 5%.
+
+Changed for the kernels of issue 12 (2026-11-28): the uniform forward's unrolled points (no point
+loop; the row loop holds them), its third grid axis (chunks) and 8 programs per SM; the
+backward's chunk loop; restarts counted where the code puts them (before: one point loop per
+tile, with restarts every 32 points counted at their rate through forward branches); A read in
+x's dtype; the forward's per-row-block table.
 
 Writes OUT.md (tables) and OUT.json (every number), atomically; OUT defaults to
 benchmarks/results/<date>-kernel-report-triton<version>. Run it with TRITON_INTERPRET unset (the
@@ -98,10 +124,9 @@ import kernel_build  # noqa: E402
 from kernel_build import CAPABILITIES, GRIDS, TRITON_TYPES, Launch  # noqa: E402
 
 from lejepa_kernels.atomic_file import atomic_write  # noqa: E402
-from lejepa_kernels.kernels import _tiles, backward, config  # noqa: E402
+from lejepa_kernels.kernels import backward, config  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-RESEED_EVERY = _tiles.RESEED_EVERY.value
 PAPER = {"N": 8192, "D": 512, "S": 8192}
 """The paper workload's sizes (T from the grid kind: 17 for "uniform" and "direct")."""
 DTYPES = {name: dtype for dtype, name in TRITON_TYPES.items()}
@@ -225,7 +250,6 @@ class Loop:
     end: int
     parent: int | None = None  # index of the enclosing loop
     body: list[Instruction] | None = None  # its own instructions (not those of inner loops)
-    conditional: int = 0  # of them, those a forward branch skips (counted at the restart rate)
 
 
 def find_loops(instructions: list[Instruction]) -> tuple[list[Loop], list[Instruction]]:
@@ -312,33 +336,107 @@ def blocks_per_sm(registers: int, shared: int, warps: int, capability: int) -> d
     }
 
 
-def workload(launches: list[Launch], kernel: str, cfg: config.KernelConfig) -> dict:
-    """Programs, tiles and bytes of a kernel's launches at the paper workload."""
+def workload(launches: list[Launch], kernel: str, cfg: config.KernelConfig, T: int) -> dict:
+    """Programs, tiles (projection tiles: row-loop trips in the forward) and grid points of a
+    kernel's launches at the paper workload."""
     values = dict(launches[0].values)
     N, D, S = values["N"], values["D"], values["S"]
     programs = sum(math.prod(launch.grid) for launch in launches)
+    chunk_t = config.grid_chunk(T)
+    chunks = math.ceil(T / chunk_t)
+    out = {"N": N, "D": D, "S": S, "T": T, "chunk_t": chunk_t, "chunks": chunks, "launches": len(launches),
+           "programs": programs, "grids": [list(launch.grid) for launch in launches]}
     if kernel == "forward":
         (launch,) = launches
-        slice_tiles, splits = launch.grid
+        slice_tiles, splits, grid_chunks = launch.grid
+        assert grid_chunks == chunks, (launch.grid, chunks)
         per_split = values["rows_per_split"]
         row_blocks = [math.ceil(min(per_split, N - j * per_split) / cfg.block_n) for j in range(splits)]
-        tiles = slice_tiles * sum(row_blocks)
+        out.update(splits=splits, row_blocks_per_program=max(row_blocks),
+                   tiles=slice_tiles * chunks * sum(row_blocks), points_per_tile=chunk_t)
     else:
-        tiles = programs
-    return {"N": N, "D": D, "S": S, "launches": len(launches), "programs": programs, "tiles": tiles,
-            "grids": [list(launch.grid) for launch in launches]}
+        out.update(tiles=programs, points_per_tile=T)
+    return out
 
 
 def dram_bytes(kernel: str, dtype: str, T: int, work: dict, launches: list[Launch]) -> int:
-    """Compulsory DRAM bytes: inputs read once, outputs written once."""
+    """Compulsory DRAM bytes: inputs read once (x and A in x's dtype), outputs written once."""
     N, D, S = work["N"], work["D"], work["S"]
     itemsize = DTYPES[dtype].itemsize
-    read = N * D * itemsize + D * S * 4 + T * 4
+    read = N * D * itemsize + D * S * itemsize + T * 4
     if kernel == "forward":
         splits = launches[0].grid[1]
         return read + splits * 2 * T * S * 4
     dp_itemsize = 2 if dtype == "bf16" else 4
     return read + 2 * T * S * 4 + N * S * dp_itemsize
+
+
+def loop_roles(loops: list[Loop], tensor_test) -> list[str]:
+    """Each loop's role: "d" (its own body holds the tensor-core instructions; one such loop),
+    "row" (holds the D loop), "chunk" (holds another loop) or "grid" (a loop over points)."""
+    d = [i for i, loop in enumerate(loops) if any(tensor_test(ins.opcode) for ins in loop.body)]
+    d_index = d[0] if len(d) == 1 else None
+    roles = []
+    for i, loop in enumerate(loops):
+        if i == d_index:
+            roles.append("d")
+        elif d_index is not None and _encloses(loops, i, d_index):
+            roles.append("row")
+        elif any(_encloses(loops, i, j) for j in range(len(loops)) if j != i):
+            roles.append("chunk")
+        else:
+            roles.append("grid")
+    return roles
+
+
+def row_block(loops: list[Loop], roles: list[str], d_trips: int, points: int) -> dict | None:
+    """Per warp, what one trip of the forward's row loop issues: its own body, the D loop's
+    trips and the point loop's `points` trips (barriers split into the D loop's, the pipeline's
+    and others, as the docstring says; "after_d": those of the row body after the D loop, with
+    their distance in instructions from its end)."""
+    rows = [i for i, role in enumerate(roles) if role == "row"]
+    if len(rows) != 1:
+        return None
+    row = loops[rows[0]]
+    body = row.body
+    d_loop = next((loops[i] for i, role in enumerate(roles) if role == "d"), None)
+    grid = [loops[i] for i, role in enumerate(roles) if role == "grid" and _encloses(loops, rows[0], i)]
+    totals = memory_counts(body)
+    for loop, trips in [(d_loop, d_trips)] * (d_loop is not None) + [(g, points) for g in grid]:
+        for key, value in memory_counts(loop.body).items():
+            totals[key] += value * trips
+    pipeline = other = 0
+    after_d = []
+    is_barrier = [ins.opcode.startswith(("BAR.SYNC", "BAR.RED")) for ins in body]
+    for index, ins in enumerate(body):
+        if not is_barrier[index]:
+            continue
+        # before the D loop: its pipeline's prologue; after it, a cp.async wait (DEPBAR, not
+        # LDGDEPBAR or WARPGROUP.DEPBAR) since the last barrier marks the pipeline's drain
+        waited = d_loop is not None and ins.address < d_loop.start
+        for prior in range(index - 1, max(-1, index - 65), -1):
+            if waited or is_barrier[prior]:
+                break
+            if body[prior].opcode.split(".")[0] == "DEPBAR":
+                waited = True
+                break
+        if waited:
+            pipeline += 1
+        else:
+            other += 1
+        if d_loop is not None and ins.address > d_loop.end:
+            after_d.append(sum(1 for x in body if d_loop.end < x.address < ins.address))
+    d_barriers = memory_counts(d_loop.body)["barriers"] * d_trips if d_loop is not None else 0
+    grid_barriers = sum(memory_counts(g.body)["barriers"] for g in grid) * points
+    return {
+        **totals,
+        "d_loop_barriers": d_barriers,
+        "pipeline_barriers": pipeline,
+        "other_barriers": other + grid_barriers,
+        "after_d": after_d,
+        "after_d_instructions": sum(1 for x in body if d_loop is not None and x.address > d_loop.end),
+        "point_loop": bool(grid),
+    }
 
 
 def analyse(build: dict, kernel: str, dtype: str, T: int, cfg: config.KernelConfig, work: dict) -> dict:
@@ -347,21 +445,8 @@ def analyse(build: dict, kernel: str, dtype: str, T: int, cfg: config.KernelConf
     ptx_loops, _ = find_loops(parse_ptx(build["ptx"]))
     warps = build["num_warps"]
 
-    def role_of(loops: list[Loop], tensor_test) -> list[str]:
-        d = [i for i, loop in enumerate(loops) if any(tensor_test(ins.opcode) for ins in loop.body)]
-        d_index = d[0] if len(d) == 1 else None
-        roles = []
-        for i, loop in enumerate(loops):
-            if i == d_index:
-                roles.append("d")
-            elif d_index is not None and _encloses(loops, i, d_index):
-                roles.append("row")
-            else:
-                roles.append("grid")
-        return roles
-
-    sass_roles = role_of(sass_loops, lambda op: op.split(".")[0] in TENSOR)
-    ptx_roles = role_of(ptx_loops, lambda op: op.startswith(("mma", "wgmma.mma_async")))
+    sass_roles = loop_roles(sass_loops, lambda op: op.split(".")[0] in TENSOR)
+    ptx_roles = loop_roles(ptx_loops, lambda op: op.startswith(("mma", "wgmma.mma_async")))
 
     # executions of each region over the whole launch
     tiles, programs = work["tiles"], work["programs"]
@@ -382,19 +467,10 @@ def analyse(build: dict, kernel: str, dtype: str, T: int, cfg: config.KernelConf
         solved = (passes * step_flops * work["D"] / cfg.block_d - outside) / per_trip
         if abs(solved - round(solved)) < 1e-6 and round(solved) >= 0:
             d_trips, exact = round(solved), True
-    executions = []
-    for i, loop in enumerate(sass_loops):
-        role = sass_roles[i]
-        executions.append(tiles * d_trips if role == "d" else tiles if role == "row" else tiles * T)
-    # A grid loop's forward branches skip the restarts from direct trig (T > RESEED_EVERY only):
-    # what they skip runs at T // RESEED_EVERY of the T points.
-    restart_share = (T // RESEED_EVERY) / T if T > RESEED_EVERY else 1.0
-    regions = [(sass_top, programs)]
-    for loop, role, n in zip(sass_loops, sass_roles, executions):
-        skipped = _skipped(loop.body) if role == "grid" else set()
-        loop.conditional = len(skipped)
-        regions.append(([ins for ins in loop.body if ins.address not in skipped], n))
-        regions.append(([ins for ins in loop.body if ins.address in skipped], n * restart_share))
+    per_role = {"d": tiles * d_trips, "row": tiles, "chunk": tiles * work["chunks"],
+                "grid": tiles * work["points_per_tile"]}
+    executions = [per_role[role] for role in sass_roles]
+    regions = [(sass_top, programs)] + [(loop.body, n) for loop, n in zip(sass_loops, executions)]
 
     totals: dict[str, float] = {}
     for body, runs in regions:
@@ -412,6 +488,8 @@ def analyse(build: dict, kernel: str, dtype: str, T: int, cfg: config.KernelConf
             _loop_summary(loop, role, n, False) for loop, role, n in zip(sass_loops, sass_roles, executions)
         ],
         "ptx_loops": [_loop_summary(loop, role, None, True) for loop, role in zip(ptx_loops, ptx_roles)],
+        "row_block": row_block(sass_loops, sass_roles, d_trips, work["points_per_tile"]) if kernel == "forward"
+        else None,
         "d_trips": d_trips,
         "d_trips_exact": exact,
         "tensor_passes": passes,
@@ -420,15 +498,6 @@ def analyse(build: dict, kernel: str, dtype: str, T: int, cfg: config.KernelConf
         "l2_bytes": totals.get("l2_bytes_per_lane", 0) * 32,
         "unit_ms": times,
     }
-
-
-def _skipped(body: list[Instruction]) -> set[int]:
-    """Addresses inside a body that a forward branch of that body can jump over."""
-    out = set()
-    for ins in body:
-        if ins.target is not None and ins.target > ins.address:
-            out |= {other.address for other in body if ins.address < other.address < ins.target}
-    return out
 
 
 def _encloses(loops: list[Loop], outer: int, inner: int) -> bool:
@@ -450,7 +519,6 @@ def _loop_summary(loop: Loop, role: str, executions: float | None, ptx: bool) ->
             classes[cls] = classes.get(cls, 0) + 1
         out["classes"] = classes
         out["executions"] = executions
-        out["conditional"] = loop.conditional
     return out
 
 
@@ -476,7 +544,7 @@ def paper_launches(variant: Variant, sms: int = H100["sms"]) -> list[Launch]:
     key = "forward_config" if variant.kernel == "forward" else "backward_config"
     launches = kernel_build.record_launches(
         dtype, variant.grid, PAPER["N"], PAPER["D"], PAPER["S"],
-        case=(variant.dtype, variant.grid, "paper"), programs=4 * sms,
+        case=(variant.dtype, variant.grid, "paper"), programs=config.PROGRAMS_PER_SM * sms,
         dp_chunk_bytes=backward.DP_CHUNK_BYTES, kernels=(variant.kernel,), **{key: variant.config},
     )
     keys = {launch.key() for launch in launches}
@@ -489,7 +557,7 @@ def report_one(job: tuple[Variant, int]) -> dict:
     launches = paper_launches(variant)
     build = kernel_build.build(launches[0], capability, asm=True)
     T = GRIDS[variant.grid]
-    work = workload(launches, variant.kernel, variant.config)
+    work = workload(launches, variant.kernel, variant.config, T)
     result = {
         "kernel": variant.kernel, "dtype": variant.dtype, "grid": variant.grid, "T": T,
         "config": variant.label(), "source": variant.source, "capability": capability,
@@ -572,9 +640,12 @@ def markdown(results: list[dict], header: dict) -> str:
         "",
         "Compiled on the CPU (no GPU) for sm_80 and sm_90 at the paper workload's sizes, N = "
         f"{PAPER['N']}, D = {PAPER['D']}, S = {PAPER['S']} (T = 17; 129 for uniform_long), with the "
-        "launchers' grids (forward: 4 programs per SM on 132 SMs; backward: DP_CHUNK_BYTES chunks). "
-        "Config: block_n, block_s, block_d, num_warps, num_stages. Model and method: the docstring of "
-        "benchmarks/kernel_report.py.",
+        f"launchers' grids (forward: {config.PROGRAMS_PER_SM} programs per SM on 132 SMs, one program "
+        "per slice tile x row split x chunk of grid points; backward: DP_CHUNK_BYTES chunks of slices). "
+        "Chunks of grid points (`config.grid_chunk`): T = 17 is one chunk; T = 129 is 9 chunks of 15, "
+        "the recurrence restarting from direct trig at each. Config: block_n, block_s, block_d, "
+        "num_warps, num_stages; `default` is the first of config.py's candidates. Model and method: "
+        "the docstring of benchmarks/kernel_report.py.",
         "",
         "## Resources and occupancy",
         "",
@@ -600,13 +671,15 @@ def markdown(results: list[dict], header: dict) -> str:
         "Per iteration of each loop, per warp: SASS instructions / BAR.SYNC / global loads (LDG, "
         "LDGSTS) / global stores (STG) / atomics, then the PTX's bar.sync / ld.global+cp.async / "
         "st.global / atom+red. D loop: the projection tile's walk over features (its trips per "
-        "tile solved from the tensor-core work; `~`: not exact, cdiv(D, block_d) used); grid loop: "
-        "the T grid points; row loop (forward): one row block (tile) per trip, its own instructions "
-        "only. `-`: no such loop (unrolled or absent).",
+        "tile solved from the tensor-core work; `~`: not exact, cdiv(D, block_d) used); point loop: "
+        "the grid points (forward, direct grid: CHUNK_T per row block; backward: T per tile in all); "
+        "chunk loop (backward, T = 129): one trip per chunk, around the point loop; row loop "
+        "(forward): one row block (tile) per trip, its own instructions only (on the uniform grid "
+        "they include the chunk's unrolled points). `-`: no such loop (unrolled or absent).",
         "",
-        "| kernel | dtype | grid | config | sm | D trips | D loop SASS | D loop PTX | grid loop SASS "
-        "| grid loop PTX | row loop SASS | row loop PTX |",
-        "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- |",
+        "| kernel | dtype | grid | config | sm | D trips | D loop SASS | D loop PTX | point loop SASS "
+        "| point loop PTX | chunk loop SASS | chunk loop PTX | row loop SASS | row loop PTX |",
+        "| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def ptx_counts(loop):
@@ -616,11 +689,44 @@ def markdown(results: list[dict], header: dict) -> str:
 
     for r in results:
         cells = []
-        for role in ("d", "grid", "row"):
+        for role in ("d", "grid", "chunk", "row"):
             cells += [counts(find(r["sass_loops"], role)), ptx_counts(find(r["ptx_loops"], role))]
         lines.append(
             f"| {name(r)} | {r['capability']} | {r['d_trips']}{'' if r['d_trips_exact'] else '~'} | "
             + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        "## Forward: per row block",
+        "",
+        "Per warp, one trip of the row loop (one projection tile of BLOCK_N rows x BLOCK_S slices at "
+        "one chunk of grid points), its own body plus the D loop's trips plus the point loop's: "
+        "barriers in all = in the D loop (per trip x trips) + pipeline (cp.async waits outside the "
+        "D loop: its prologue and drain) + other (e.g. cross-warp row sums through shared memory); "
+        "then global loads (LDG, LDGSTS) / stores (STG) / atomics. After D: the row body's "
+        "barriers after the D loop, at their distance in instructions from the loop's end, of the "
+        "row body's instructions after it (where the per-point work is). Row blocks: per program "
+        "(the most).",
+        "",
+        "| kernel | dtype | grid | config | sm | row blocks | barriers | D loop | pipeline | other "
+        "| after D | global ld / st / atom |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for r in results:
+        b = r.get("row_block")
+        if r["kernel"] != "forward" or not b:
+            continue
+        positions = b["after_d"]
+        after = (
+            "none" if not positions
+            else ", ".join(f"+{n}" for n in positions) if len(positions) <= 3
+            else f"{len(positions)}: +{positions[0]} to +{positions[-1]}"
+        )
+        lines.append(
+            f"| {name(r)} | {r['capability']} | {r['workload']['row_blocks_per_program']} | {b['barriers']} "
+            f"| {b['d_loop_barriers']} | {b['pipeline_barriers']} | {b['other_barriers']} "
+            f"| {after} (of {b['after_d_instructions']}) "
+            f"| {b['global_loads']} / {b['global_stores']} / {b['atomics']} |"
         )
     units = ["tensor", "fp32", "mufu", "conversion", "alu", "memory", "shuffle", "issue", "dram"]
     lines += [

@@ -6,9 +6,12 @@ embeddings with the standard normal's; everything here turns on the ECF sums ove
 
 The SIGReg module and functions need only torch; `LeJEPA` and `LeJEPAOutput` (the model, built
 on timm) are imported when first used. The seed-faithful reference modules, which materialise
-[N, S, T] tensors, are in `lejepa_kernels.reference`, not here.
+[N, S, T] tensors, are in `lejepa_kernels.reference`, not here. Drop-ins for the official LeJEPA
+package's and lightly's APIs are in `lejepa_kernels.compat`; `swap_sigreg(model)` puts fused
+modules in place of those (and of stable-pretraining's) inside an existing model.
 """
 
+from .compat.swap import swap_sigreg
 from .functional import ecf_sums, sliced_epps_pulley
 from .modules import FusedSlicedEppsPulley
 
@@ -18,8 +21,9 @@ __all__ = [
     "LeJEPAOutput",
     "ecf_sums",
     "sliced_epps_pulley",
+    "swap_sigreg",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place it is written: pyproject.toml reads it at build time
 
 _MODEL_NAMES = ("LeJEPA", "LeJEPAOutput")
 

@@ -4,9 +4,11 @@ Each backend is a module with one interface:
 
 - `NAME`: its name, as `backend=` takes it;
 - `unavailable() -> str | None`: why it cannot run on this machine at all (None: it can);
-- `unsupported(x, n_points, dt) -> str | None`: why it does not take this call;
+- `unsupported(x, n_points, dt) -> str | None`: why it does not take this call (only x's
+  dtype and device are read);
 - `ecf_sums(x, A, t, dt) -> (cos_sums, sin_sums)` and
-  `ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt) -> grad_x`.
+  `ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt) -> grad_x`, with x [G, N, D], the sums
+  and their gradients [G, S, T], grad_x [G, N, D].
 
 `choose` is the one place that decides: "auto" (or `$LEJEPA_KERNELS_BACKEND`) takes the first
 backend of `AUTO_ORDER` for the embeddings' device that runs here and takes the call; a backend named explicitly runs or
@@ -44,17 +46,23 @@ def check_choice(backend: str) -> None:
         raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
 
 
-@torch.compiler.assume_constant_result
 def _unavailable(name: str) -> str:
     """Why backend `name` cannot run here ("" when it can): a constant for torch.compile, which
     calls it instead of tracing a build of the CPU kernel."""
     return TABLE[name].unavailable() or ""
 
 
+# The mark that `torch.compiler.assume_constant_result` sets, set without calling it: it imports
+# torch._dynamo, and with it triton, which `import lejepa_kernels` must not (tests/test_imports.py
+# checks that the two marks agree).
+_unavailable._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def choose(backend: str, x: torch.Tensor, n_points: int, dt: float) -> str:
     """The name of the backend that computes this call.
 
-    x: [N, D] embeddings; n_points: T; dt > 0 for the uniform grid, 0 for any other.
+    x: the embeddings (their dtype and device decide); n_points: T; dt > 0 for the uniform
+    grid, 0 for any other.
     "auto" (or `$LEJEPA_KERNELS_BACKEND` when set) picks per AUTO_ORDER, warning once when the
     native CPU kernel cannot be built; an explicit backend that cannot run here raises
     BackendUnavailable (CpuKernelUnavailable for "cpu"), one that does not take the call

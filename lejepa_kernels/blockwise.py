@@ -156,7 +156,7 @@ def _block_sums(x, t, key, width, orthogonal, backend, dt, group):
     """(A_b, cos_sums, sin_sums, n): a block's directions, its [B, T] sums and the row count,
     summed over the ranks of `group` (a process-group name; "" for none)."""
     A = block_directions(x.shape[1], width, key, orthogonal, x.device)
-    cos_sums, sin_sums = TABLE[backend].ecf_sums(x, A, t, dt)
+    cos_sums, sin_sums = (sums[0] for sums in TABLE[backend].ecf_sums(x[None], A, t, dt))  # one group
     n = cos_sums.new_full((), x.shape[0])
     if group:
         packed = all_reduce_in_op(torch.cat([cos_sums.flatten(), sin_sums.flatten(), n.reshape(1)]), group)
@@ -230,7 +230,7 @@ def _loss_backward(
         A, cos_sums, sin_sums, n = _block_sums(x, t, key, width, orthogonal, backend, dt, group)
         grad_cos = (cos_sums / n - phi) * scaled_weights
         grad_sin = (sin_sums / n) * scaled_weights
-        grad_x += TABLE[backend].ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt)
+        grad_x += TABLE[backend].ecf_sums_backward(x[None], A, t, grad_cos[None], grad_sin[None], dt)[0]
     return grad_x.to(x.dtype)
 
 

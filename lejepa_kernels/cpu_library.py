@@ -47,9 +47,10 @@ class CpuKernelUnavailable(RuntimeError):
 
 
 _BLOCK_ARGUMENTS = [
-    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,  # P, rows, ld, dt
-    ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # col_begin, col_end, n_points
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # two [n_points, ld_sums] arrays, ld_sums
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # P, groups, rows, ld
+    ctypes.c_float, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # dt, col_begin, col_end, n_points
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,  # two per-group [n_points, ld] arrays, their ld
+    ctypes.c_int64,  # the arrays' stride from one group to the next
 ]
 _SIGNATURES = {
     "ecf_forward_block": (_BLOCK_ARGUMENTS, ctypes.c_int),

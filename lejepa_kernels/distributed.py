@@ -39,21 +39,28 @@ def all_reduce_sums(
     n_rows: torch.Tensor,
     group: Optional[dist.ProcessGroup] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum [S, T] cos/sin sums and the 0-d row count over the group's ranks in one all-reduce.
+    """Sum the (*, S, T) cos/sin sums and the (*) row counts (one per group of rows) over the
+    process group's ranks in one all-reduce.
 
-    The three are packed into one buffer of 2*S*T + 1 values of the sums' dtype (fp32; fp64 for
-    fp64 embeddings). The all-reduce is differentiable: its backward sums the gradient over the
-    ranks, so rank r gets W times the gradient of its own rows (W = the group's size).
-    Returns (cos_sums, sin_sums, n_rows), summed, of the same shapes.
+    The three are packed into one buffer of 2*G*S*T + G values of the sums' dtype (fp32; fp64
+    for fp64 embeddings; G the number of groups, 1 for 2-D embeddings). The all-reduce is
+    differentiable: its backward sums the gradient over the ranks, so rank r gets W times the
+    gradient of its own rows (W = the group's size). Returns (cos_sums, sin_sums, n_rows),
+    summed, of the same shapes.
     """
-    packed = torch.cat([cos_sums.flatten(), sin_sums.flatten(), n_rows.reshape(1)])
+    packed = torch.cat([cos_sums.flatten(), sin_sums.flatten(), n_rows.flatten()])
     packed = funcol.wait_tensor(funcol.all_reduce(packed, "sum", _resolve(group)))
     size = cos_sums.numel()
     return (
         packed[:size].view_as(cos_sums),
         packed[size : 2 * size].view_as(sin_sums),
-        packed[-1],
+        packed[2 * size :].view_as(n_rows),
     )
+
+
+def group_size(group: Optional[dist.ProcessGroup] = None) -> int:
+    """The number of ranks in the process group (None: the world)."""
+    return dist.get_world_size(_resolve(group))
 
 
 def broadcast_from_first_rank(

@@ -36,6 +36,10 @@ from lejepa_kernels.reference import SlicedEppsPulley
 __all__ = ["MLP", "LeJEPAOutput", "LeJEPA"]
 
 _SIGREG_CHOICES = {"fused": FusedSlicedEppsPulley, "reference": SlicedEppsPulley}
+SIGREG_VIEWS = ("concat", "per_view")
+"""SIGReg over all views' embeddings together (the seed), or the mean of each view's (the paper)."""
+LOSS_WEIGHTINGS = ("seed", "paper")
+"""``inv + lamb * sigreg`` (the seed) or ``(1 - lamb) * inv + lamb * sigreg`` (the paper)."""
 
 
 class MLP(nn.Sequential):
@@ -67,7 +71,8 @@ class MLP(nn.Sequential):
 class LeJEPAOutput:
     """Output of :meth:`LeJEPA.forward`.
 
-    ``loss``: scalar ``inv_loss + lamb * sigreg_loss`` (0 in eval mode);
+    ``loss``: scalar ``inv_loss + lamb * sigreg_loss``, or ``(1 - lamb) * inv_loss + lamb *
+    sigreg_loss`` with ``loss_weighting="paper"`` (0 in eval mode);
     ``embedding``: backbone features, [n_global*B, D] (train, detached) or [B, D] (eval);
     ``inv_loss``, ``sigreg_loss``: scalar loss terms (0 in eval mode).
 
@@ -127,8 +132,11 @@ class LeJEPA(nn.Module):
 
     Backbone: timm model with ``num_classes=0`` (pooled features [N, embed_dim]).
     Projector: ``Linear(embed_dim, 512)`` then ``MLP(512, [2048, 2048, 512])`` unless given.
-    Loss: ``inv_loss + lamb * sigreg_loss``; the invariance term is the MSE between each view's
-    projection and the mean of the global views' projections, SIGReg is taken over all views.
+    Loss: ``inv_loss + lamb * sigreg_loss`` (``loss_weighting="paper"``: ``(1 - lamb) * inv_loss
+    + lamb * sigreg_loss``); the invariance term is the MSE between each view's projection and
+    the mean of the global views' projections; SIGReg is taken over all views' rows together
+    (``sigreg_views="concat"``) or is the mean of each view's statistic (``"per_view"``, the
+    views as groups of one call, on the same directions).
 
     :param encoder_name: timm model name (e.g. ``"vit_base_patch16_224"``).
     :param projector: optional projection head [N, embed_dim] -> [N, K].
@@ -143,6 +151,10 @@ class LeJEPA(nn.Module):
     :param directions: ``"seed"`` (the seed's directions) or ``"blockwise"`` (drawn block by
         block, memory independent of ``n_slices``); ``"fused"`` only.
     :param orthogonal: orthonormalise each group of at most K directions; ``"fused"`` only.
+    :param sigreg_views: ``"concat"`` (the seed: one statistic over the V*B rows) or
+        ``"per_view"`` (the LeJEPA paper and its code: the mean of the V per-view statistics).
+    :param loss_weighting: ``"seed"`` (``inv + lamb * sigreg``) or ``"paper"`` (``(1 - lamb) *
+        inv + lamb * sigreg``; needs ``lamb <= 1``).
     """
 
     def __init__(
@@ -159,6 +171,8 @@ class LeJEPA(nn.Module):
         sigreg: str = "fused",
         directions: str = "seed",
         orthogonal: bool = False,
+        sigreg_views: str = "concat",
+        loss_weighting: str = "seed",
     ) -> None:
         super().__init__()
         if sigreg not in _SIGREG_CHOICES:
@@ -166,8 +180,16 @@ class LeJEPA(nn.Module):
         direction_options = dict(directions=directions, orthogonal=orthogonal)
         if sigreg == "reference" and (directions, orthogonal) != ("seed", False):
             raise ValueError("directions='blockwise' and orthogonal=True need sigreg='fused'")
+        if sigreg_views not in SIGREG_VIEWS:
+            raise ValueError(f"sigreg_views must be one of {SIGREG_VIEWS}, got {sigreg_views!r}")
+        if loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
+        if directions == "blockwise" and sigreg_views == "per_view":
+            raise ValueError("directions='blockwise' takes one statistic over all views: use sigreg_views='concat'")
         if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not (0 <= lamb < math.inf):
             raise ValueError(f"lamb (the SIGReg weight) must be a finite number >= 0, got {lamb!r}")
+        if loss_weighting == "paper" and lamb > 1:
+            raise ValueError(f"loss_weighting='paper' weighs the invariance by 1 - lamb: lamb must be <= 1, got {lamb}")
         # Names with a source prefix ("hf-hub:...", "local-dir:...") are resolved by timm itself.
         if ":" not in encoder_name and not timm.is_model(encoder_name):
             raise ValueError(f"unknown timm model name {encoder_name!r} (see timm.list_models())")
@@ -188,20 +210,33 @@ class LeJEPA(nn.Module):
             num_slices=n_slices, t_max=t_max, n_points=n_points, **(direction_options if sigreg == "fused" else {})
         )
         self.lamb = lamb
+        self.sigreg_views = sigreg_views
+        self.loss_weighting = loss_weighting
         self.embed_dim = embed_dim
 
     @staticmethod
     def _compute_loss(
-        all_projected: torch.Tensor, n_global: int, sigreg: nn.Module, lamb: float
+        all_projected: torch.Tensor,
+        n_global: int,
+        sigreg: nn.Module,
+        lamb: float,
+        sigreg_views: str = "concat",
+        loss_weighting: str = "seed",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """LeJEPA loss from projections [V, B, K] whose first ``n_global`` views are global.
 
-        :return: ``(loss, inv_loss, sigreg_loss)``, scalars; ``sigreg`` is called once (over all
-            V*B rows) and so advances its ``global_step`` by one.
+        :return: ``(loss, inv_loss, sigreg_loss)``, scalars; ``sigreg`` is called once (on the
+            V*B rows together, or on [V, B, K] as V groups for ``"per_view"``, its mean over
+            views and slices) and so advances its ``global_step`` by one.
         """
         centers = all_projected[:n_global].mean(0)  # [B, K]
         inv_loss = (centers.unsqueeze(0) - all_projected).square().mean()
-        sigreg_loss = sigreg(all_projected.reshape(-1, all_projected.size(-1)))
+        if sigreg_views == "per_view":
+            sigreg_loss = sigreg(all_projected)
+        else:
+            sigreg_loss = sigreg(all_projected.reshape(-1, all_projected.size(-1)))
+        if loss_weighting == "paper":
+            return (1 - lamb) * inv_loss + lamb * sigreg_loss, inv_loss, sigreg_loss
         return inv_loss + lamb * sigreg_loss, inv_loss, sigreg_loss
 
     def forward(
@@ -240,7 +275,9 @@ class LeJEPA(nn.Module):
         all_projected = self.projector(torch.cat([g_features, l_features]))  # [V*B, K]
         n_views = len(global_views) + len(local_views)
         all_projected = all_projected.reshape(n_views, bs, -1)
-        loss, inv_loss, sigreg_loss = self._compute_loss(all_projected, len(global_views), self.sigreg, self.lamb)
+        loss, inv_loss, sigreg_loss = self._compute_loss(
+            all_projected, len(global_views), self.sigreg, self.lamb, self.sigreg_views, self.loss_weighting
+        )
         return LeJEPAOutput(
             loss=loss, embedding=g_features.detach(), inv_loss=inv_loss, sigreg_loss=sigreg_loss
         )

@@ -3,8 +3,9 @@
 - `lejepa_kernels::directions(step, dim, num_slices, device)`: the seed's random unit directions
   for a step. Sampling inside an op keeps the generator (and reading the step) out of compiled
   graphs, and the directions are a fresh tensor of the forward, never an alias of the step.
-- `lejepa_kernels::ecf_sums(x, A, t, backend, dt)`: the cos/sin sums over rows,
-  [S, T] each, with a backward that recomputes the projections (`ecf_sums_backward`).
+- `lejepa_kernels::ecf_sums(x, A, t, backend, dt)`: the cos/sin sums over the rows of each
+  group of x [G, N, D], [G, S, T] each, with a backward that recomputes the projections
+  (`ecf_sums_backward`).
 
 `backend` names the entry of the backend table (`backends.TABLE`) that computes the call, as
 `backends.choose` decided it: "torch" (the memory-bounded PyTorch path), "cpu" (the native CPU
@@ -36,14 +37,14 @@ def _(step: torch.Tensor, dim: int, num_slices: int, device: torch.device) -> to
 def ecf_sums(
     x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, dt: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos_sums, sin_sums) [S, T] each: sums over rows of cos and sin of t_k (x @ A); fp32,
-    fp64 for fp64 x."""
+    """(cos_sums, sin_sums) [G, S, T] each: sums over each group's rows of cos and sin of
+    t_k (x @ A), for x [G, N, D]; fp32, fp64 for fp64 x."""
     return TABLE[backend].ecf_sums(x, A, t, dt)
 
 
 @ecf_sums.register_fake
 def _(x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, backend: str, dt: float):
-    shape = (A.shape[1], t.shape[0])
+    shape = (x.shape[0], A.shape[1], t.shape[0])
     dtype = torch_backend.compute_dtype(x)
     return x.new_empty(shape, dtype=dtype), x.new_empty(shape, dtype=dtype)
 
@@ -58,7 +59,7 @@ def ecf_sums_backward(
     backend: str,
     dt: float,
 ) -> torch.Tensor:
-    """dx [N, D] in x's dtype, from the gradients [S, T] of the cos and sin sums."""
+    """dx [G, N, D] in x's dtype, from the gradients [G, S, T] of the cos and sin sums."""
     return TABLE[backend].ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt)
 
 

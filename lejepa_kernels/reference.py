@@ -50,7 +50,8 @@ def _distributed() -> bool:
 
 
 class EppsPulley(nn.Module):
-    """Epps-Pulley statistic of each column of x [N, S] against the standard normal: [S].
+    """Epps-Pulley statistic of each column of x [N, S] against the standard normal: [S]; of
+    each group of x (*, N, S): (*, S), as the LeJEPA paper's code does.
 
     :param t_max: upper end of the integration grid.
     :param n_points: number of grid points (odd).
@@ -66,11 +67,11 @@ class EppsPulley(nn.Module):
         self.register_buffer("weights", weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, S] projections. Returns the per-slice statistic [S]."""
+        """x: [N, S] (or (*, N, S)) projections. Returns the per-slice statistic [S] ((*, S))."""
         x_t = x.unsqueeze(-1) * self.t
-        cos_sum = x_t.cos().sum(0)
-        sin_sum = x_t.sin().sum(0)
-        n = torch.tensor(float(x.size(0)), dtype=cos_sum.dtype, device=x.device)
+        cos_sum = x_t.cos().sum(-3)
+        sin_sum = x_t.sin().sum(-3)
+        n = torch.tensor(float(x.size(-2)), dtype=cos_sum.dtype, device=x.device)
         if _distributed():
             cos_sum = all_reduce(cos_sum)
             sin_sum = all_reduce(sin_sum)
@@ -80,7 +81,8 @@ class EppsPulley(nn.Module):
 
 
 class SlicedEppsPulley(nn.Module):
-    """Sliced Epps-Pulley test: mean Epps-Pulley statistic of x [N, D] over random directions.
+    """Sliced Epps-Pulley test: mean Epps-Pulley statistic of x [N, D] over random directions
+    (of x (*, N, D): the mean over groups and directions, the same directions for all).
 
     The directions for a call are `random_directions(D, num_slices, global_step)`; the
     `global_step` buffer then advances by one.
@@ -97,7 +99,7 @@ class SlicedEppsPulley(nn.Module):
         self.register_buffer("global_step", torch.zeros((), dtype=torch.long))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, D] embeddings. Returns the scalar loss."""
+        """x: [N, D] (or (*, N, D)) embeddings. Returns the scalar loss."""
         with torch.no_grad():
             step = self.global_step.clone()
             if _distributed():

@@ -3,6 +3,7 @@
 They take fp32, bf16 and fp16 CUDA tensors, on any grid (a uniform one runs the trig recurrence,
 any other direct trig), and also run on CPU tensors in Triton's interpreter (`TRITON_INTERPRET=1`
 set before triton is imported). triton is imported at the first call, not with the package.
+Grouped input [G, N, D] runs in one launch for all groups (one per chunk of slices backward).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def unavailable() -> str | None:
 
 def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
     """Why the kernels do not take this call, or None: they take fp32, bf16 and fp16 CUDA
-    tensors (CPU tensors in Triton's interpreter), on any grid."""
+    tensors (CPU tensors in Triton's interpreter), on any grid, in any number of groups."""
     if x.dtype not in KERNEL_DTYPES:
         return f"it takes fp32, bf16 or fp16, got {x.dtype} (fp64 runs on the PyTorch backend)"
     if x.device.type != "cuda" and not interpreting():
@@ -44,7 +45,8 @@ def unsupported(x: torch.Tensor, n_points: int, dt: float) -> str | None:
 def ecf_sums(
     x: torch.Tensor, A: torch.Tensor, t: torch.Tensor, dt: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos_sums, sin_sums) [S, T] fp32 from x [N, D], A [D, S] and t [T]: `kernels.ecf_forward`."""
+    """(cos_sums, sin_sums) [G, S, T] fp32 from x [G, N, D], A [D, S] and t [T]:
+    `kernels.ecf_forward`, every group in one launch."""
     from .kernels import ecf_forward
 
     return ecf_forward(x, A, t, dt)
@@ -58,7 +60,8 @@ def ecf_sums_backward(
     grad_sin: torch.Tensor,
     dt: float,
 ) -> torch.Tensor:
-    """dx [N, D] in x's dtype from the [S, T] gradients of the sums: `kernels.ecf_backward`."""
+    """dx [G, N, D] in x's dtype from the [G, S, T] gradients of the sums:
+    `kernels.ecf_backward`, every group in one launch per chunk of slices."""
     from .kernels import ecf_backward
 
     return ecf_backward(x, A, t, grad_cos, grad_sin, dt)

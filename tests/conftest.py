@@ -68,3 +68,20 @@ def assert_no_worse_than_seed(got, seed, truth, what="value"):
             f"{what}{list(index) if index else ''}: got {g:.8g}, the seed {s:.8g}, fp64 {t:.8g}: error "
             f"{abs(g - t):.3g} > the seed's {abs(s - t):.3g} + slack {slack:.3g}"
         )
+
+
+def grouped_oracle(x, A, t_max, n_points, unbiased=False):
+    """The Epps-Pulley statistics (*, S) of x (*, N, D) on directions A [D, S], in fp64 from the
+    definition: phi_hat(t) = mean_n exp(i t p_n) per group and slice, |phi_hat|^2 plug-in or
+    (|sum_n exp(i t p_n)|^2 - N) / (N (N - 1)), on the seed's grid (its fp32 t, phi and
+    trapezoid weights times phi, as the modules' buffers hold them). Differentiable."""
+    from lejepa_kernels.reference import quadrature
+
+    t, phi, weights = (v.double() for v in quadrature(t_max, n_points))
+    angles = (x.double() @ A.double()).unsqueeze(-1) * t  # (*, N, S, T)
+    cos_total, sin_total = angles.cos().sum(-3), angles.sin().sum(-3)
+    n = x.shape[-2]
+    square = cos_total.square() + sin_total.square()
+    square = (square - n) / (n * (n - 1)) if unbiased else square / n**2
+    err = square - 2 * phi * cos_total / n + phi.square()
+    return n * (err * weights).sum(-1)

@@ -16,7 +16,7 @@ T = quadrature(3.0, 5)[0]
     [
         (torch.randn(0, 4), torch.randn(4, 8), ValueError, "at least 1 row"),
         (torch.randn(5, 4), torch.randn(4, 0), ValueError, "at least one column"),
-        (torch.randn(5), torch.randn(5, 8), ValueError, r"2-D \[N, D\]"),
+        (torch.randn(5), torch.randn(5, 8), ValueError, r"\[N, D\] \(rows x features\) or \(\*, N, D\)"),
         (torch.randn(5, 4, dtype=torch.complex64), torch.randn(4, 8), TypeError, "floating dtype"),
         (torch.ones(5, 4, dtype=torch.int64), torch.randn(4, 8), TypeError, "floating dtype"),
         (torch.randn(5, 4), torch.ones(4, 8, dtype=torch.int64), TypeError, "floating dtype"),

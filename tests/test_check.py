@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 from conftest import has_c_compiler
 
+import lejepa_kernels
 from lejepa_kernels import cpu_backend, torch_backend
 from lejepa_kernels.check import accuracy, add_parser, bench, check_plan, interpreter, write_json
 from lejepa_kernels.check.accuracy import CUDA_LARGE_CASES, Case, run_case, sample_columns, sums_tolerances
@@ -88,14 +90,14 @@ def test_interpreter_child_runs_the_triton_kernels(quick_run):
 
 
 def _lost_last_row(function):
-    return lambda x, *args, **kwargs: function(x[:-1], *args, **kwargs)
+    return lambda x, *args, **kwargs: function(x[:, :-1], *args, **kwargs)  # x: [G, N, D]
 
 
 def _one_sum_off(function):
     def wrong(*args, **kwargs):
         cos_sums, sin_sums = function(*args, **kwargs)
         cos_sums = cos_sums.clone()
-        cos_sums[-1, 1] += 0.01
+        cos_sums[:, -1, 1] += 0.01  # [G, S, T]
         return cos_sums, sin_sums
 
     return wrong
@@ -297,4 +299,11 @@ def test_command_line_runs_the_check(tmp_path):
                "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "PASS: " in result.stdout and json.loads(out.read_text())
+    assert "PASS: " in result.stdout
+    lines = result.stdout.splitlines()
+    package = os.path.dirname(lejepa_kernels.__file__)
+    assert lines[0] == f"lejepa-kernels {lejepa_kernels.__version__} check (quick)"
+    assert lines[1] == f"  lejepa_kernels from {package}"
+    environment = json.loads(out.read_text())["environment"]
+    assert environment["lejepa_kernels"] == lejepa_kernels.__version__
+    assert environment["lejepa_kernels_path"] == package

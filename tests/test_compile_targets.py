@@ -1,4 +1,5 @@
-"""Every kernel variant that launches produce compiles for sm_80 and sm_90, without spills.
+"""Every kernel variant that launches produce (every tuning candidate) compiles for sm_80 and
+sm_90, without spills.
 
 The Triton interpreter accepts code the compiler rejects, so the kernels are also compiled to
 PTX and cubin here (no GPU needed), in a subprocess without TRITON_INTERPRET, specialised as
@@ -21,6 +22,8 @@ sys.path.insert(0, str(BENCHMARKS))
 
 from kernel_build import CAPABILITIES, GRIDS, KERNELS, SHAPES, TRITON_TYPES  # noqa: E402
 
+from lejepa_kernels.kernels import config  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def builds() -> list[dict]:
@@ -33,33 +36,37 @@ def builds() -> list[dict]:
 
 
 def test_every_case_compiles_once_per_capability(builds):
-    """Each (kernel, dtype, grid, shape class) launches one binary, whatever its chunks or
-    splits, and that binary is compiled for each capability."""
+    """Each (kernel, dtype, grid, shape class) at each configuration launches one binary,
+    whatever its chunks or splits, compiled for each capability: every candidate that tuning may
+    choose on the aligned shape class, the default on the ragged one."""
+    candidates = {"forward": config.FORWARD_CANDIDATES, "backward": config.BACKWARD_CANDIDATES}
+
+    def label(c):
+        return f"{c.block_n},{c.block_s},{c.block_d},{c.num_warps},{c.num_stages}"
+
     expected = {
-        (kernel, dtype, grid, shape, capability)
+        (kernel, name, grid, shape, label(c), capability)
         for kernel in KERNELS
-        for dtype in TRITON_TYPES.values()
+        for dtype, name in TRITON_TYPES.items()
         for grid in GRIDS
         for shape in SHAPES
+        for c in (candidates[kernel][dtype] if shape == "aligned" else candidates[kernel][dtype][:1])
         for capability in CAPABILITIES
     }
-    got = [(b["kernel"], b["dtype"], b["grid"], b["shape"], b["capability"]) for b in builds]
-    cases = len(KERNELS) * len(TRITON_TYPES) * len(GRIDS) * len(SHAPES)
-    assert len(got) == len(expected) == cases * len(CAPABILITIES)
+    got = [(b["kernel"], b["dtype"], b["grid"], b["shape"], b["config"], b["capability"]) for b in builds]
+    assert len(got) == len(set(got))
     assert set(got) == expected
 
 
 def test_specialised_as_the_jit_specialises(builds):
     """The compiled signatures are those Triton's own JIT derives from the launch arguments:
-    the aligned class's integers all divisible by 16, none of the ragged class's sizes."""
+    the aligned class's sizes and row stride all divisible by 16, none of the ragged class's
+    (the counts of splits and row tiles are whatever the launch makes them)."""
     assert all(b["jit_agrees"] for b in builds), [b for b in builds if not b["jit_agrees"]]
     for b in builds:
         arguments = dict(item.split(":") for item in b["specialisation"].split() if ":" in item)
         sizes = [arguments[name] for name in ("N", "D", "S", "stride_xn")]
-        if b["shape"] == "aligned":
-            assert all(kind.endswith("/16") for kind in arguments.values() if kind != "fp32"), b
-        else:
-            assert sizes == ["i32"] * 4, b
+        assert sizes == (["i32/16"] * 4 if b["shape"] == "aligned" else ["i32"] * 4), b
 
 
 def test_no_register_spills(builds):

@@ -71,11 +71,13 @@ def test_any_blocks_and_threads_give_the_sums_and_gradient(threads, block_elemen
     t = torch.arange(T) * dt
     grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(2))
     want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
-    cos_sums, sin_sums = cpu_backend.ecf_sums(x.float(), A, uniform_grid(T, dt), dt, block_elements)
+    cos_sums, sin_sums = (s[0] for s in cpu_backend.ecf_sums(x.float()[None], A, uniform_grid(T, dt), dt,
+                                                             block_elements))
     assert cos_sums.dtype == torch.float32 and cos_sums.shape == (S, T)
     torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=3e-6 * N)
     torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=3e-6 * N)
-    grad_x = cpu_backend.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, dt, block_elements)
+    grad_x = cpu_backend.ecf_sums_backward(x.float()[None], A, t, grad_cos[None], grad_sin[None], dt,
+                                           block_elements)[0]
     assert grad_x.dtype == torch.float32 and grad_x.shape == (N, D)
     torch.testing.assert_close(grad_x.double(), want_grad, rtol=0, atol=2e-5 * want_grad.abs().max())
 
@@ -93,7 +95,7 @@ def test_grid_lengths_against_fp64_trig(T, bound):
     cos_sums, sin_sums = ecf_sums(x.float(), A, t, "cpu", dt=dt)
     assert (cos_sums.double() - want_cos).abs().max() / N < bound
     assert (sin_sums.double() - want_sin).abs().max() / N < bound
-    grad_x = cpu_backend.ecf_sums_backward(x.float(), A, t, grad_cos, grad_sin, dt)
+    grad_x = cpu_backend.ecf_sums_backward(x.float()[None], A, t, grad_cos[None], grad_sin[None], dt)[0]
     assert (grad_x.double() - want_grad).abs().max() / want_grad.abs().max() < 10 * bound
 
 
@@ -112,10 +114,10 @@ def test_large_angles(scale, t_max, T, tol):
     t = torch.arange(T) * dt
     grad_cos, grad_sin = torch.randn(2, S, T, generator=torch.Generator().manual_seed(5))
     want_cos, want_sin, want_grad = trig_sums_and_grad(x, A, t, grad_cos, grad_sin)
-    cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, dt), dt)
+    cos_sums, sin_sums = (s[0] for s in cpu_backend.ecf_sums(x[None], A, uniform_grid(T, dt), dt))
     torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=tol * N)
     torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=tol * N)
-    grad_x = cpu_backend.ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt)
+    grad_x = cpu_backend.ecf_sums_backward(x[None], A, t, grad_cos[None], grad_sin[None], dt)[0]
     torch.testing.assert_close(grad_x.double(), want_grad, rtol=0, atol=tol * want_grad.abs().max())
 
 
@@ -150,7 +152,7 @@ def test_one_worker_pool_whatever_the_thread_counts():
     try:
         for n in (2, 5, 3, 8, 2):
             torch.set_num_threads(n)
-            cpu_backend.ecf_sums(x, A, uniform_grid(5, 0.5), 0.5)
+            cpu_backend.ecf_sums(x[None], A, uniform_grid(5, 0.5), 0.5)
     finally:
         torch.set_num_threads(before)
     assert cpu_backend._pool_state[1] <= 8
@@ -179,7 +181,7 @@ def test_concurrent_calls_while_the_thread_count_changes():
         for n_threads in range(2, 25):
             try:
                 torch.set_num_threads(n_threads + index % 2)
-                cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, dt), dt)
+                cos_sums, sin_sums = (s[0] for s in cpu_backend.ecf_sums(x[None], A, uniform_grid(T, dt), dt))
                 torch.testing.assert_close(cos_sums.double(), want_cos, rtol=0, atol=3e-6 * N)
                 torch.testing.assert_close(sin_sums.double(), want_sin, rtol=0, atol=3e-6 * N)
             except Exception as error:  # noqa: BLE001 (reported by the test's thread)
@@ -262,6 +264,6 @@ def test_grid_longer_than_the_kernel_holds_is_refused_not_overrun():
     A = random_directions(3, 4, 0)
     T = cpu_library.MAX_POINTS + 1
     with pytest.raises(ValueError, match=f"at most {cpu_library.MAX_POINTS} points"):
-        cpu_backend.ecf_sums(x, A, uniform_grid(T, 0.1), 0.1)
+        cpu_backend.ecf_sums(x[None], A, uniform_grid(T, 0.1), 0.1)
     with pytest.raises(ValueError, match=f"at most {cpu_library.MAX_POINTS} points"):
-        cpu_backend.ecf_sums_backward(x, A, torch.arange(T) * 0.1, torch.ones(4, T), torch.ones(4, T), 0.1)
+        cpu_backend.ecf_sums_backward(x[None], A, torch.arange(T) * 0.1, torch.ones(1, 4, T), torch.ones(1, 4, T), 0.1)

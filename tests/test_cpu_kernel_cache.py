@@ -76,7 +76,7 @@ def assert_sums_match_fp64():
     """The kernel's sums for a small odd shape agree with fp64 cos and sin."""
     x = embeddings(N, D, torch.float32, seed=7)
     A = random_directions(D, S, 5)
-    cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, DT), DT)
+    cos_sums, sin_sums = (sums[0] for sums in cpu_backend.ecf_sums(x[None], A, uniform_grid(T, DT), DT))
     angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange(T) * DT).double()
     torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=3e-6 * N)
     torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=3e-6 * N)
@@ -234,7 +234,7 @@ def test_damaged_library_is_rebuilt(tmp_path, built):
         for cache in sys.argv[1:]:
             os.environ[cpu_library.CACHE_ENV] = cache
             cpu_library.library.cache_clear()
-            cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, torch.arange({T}) * {DT}, {DT})
+            cos_sums, sin_sums = (s[0] for s in cpu_backend.ecf_sums(x[None], A, torch.arange({T}) * {DT}, {DT}))
             torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol={3e-6 * N})
             torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol={3e-6 * N})
             print(cache, "ok", flush=True)
@@ -281,7 +281,7 @@ def test_concurrent_builders_share_one_library(tmp_path, built):
         x = torch.randn({N}, {D}, generator=torch.Generator().manual_seed(0))
         A = torch.randn({D}, {S}, generator=torch.Generator().manual_seed(1))
         angles = (x.double() @ A.double()).unsqueeze(-1) * (torch.arange({T}) * {DT}).double()
-        cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, torch.arange({T}) * {DT}, {DT})
+        cos_sums, sin_sums = (s[0] for s in cpu_backend.ecf_sums(x[None], A, torch.arange({T}) * {DT}, {DT}))
         torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol={3e-6 * N})
         torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol={3e-6 * N})
         """

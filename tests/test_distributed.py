@@ -6,17 +6,18 @@ concatenated batch. Rank r's gradient must be W times the single-process gradien
 """
 
 import datetime
+import itertools
 import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import loss_and_grad
+from conftest import grouped_oracle, has_c_compiler, loss_and_grad
 
 from lejepa_kernels import FusedSlicedEppsPulley, sliced_epps_pulley
 from lejepa_kernels.lejepa import LeJEPA
-from lejepa_kernels.reference import SlicedEppsPulley
+from lejepa_kernels.reference import SlicedEppsPulley, random_directions
 
 ROWS = {2: (7, 1), 3: (5, 9, 2)}  # rows per rank: unequal, and a rank may hold a single row
 D, S, T_MAX, N_POINTS = 6, 16, 3.0, 9
@@ -29,6 +30,8 @@ GROUP_STEP = 7  # the process group's rank 0 step (the other member starts at 3)
 DDP_BATCH, DDP_VIEWS, DDP_GLOBAL_VIEWS, DDP_WIDTH, LAMB = 3, 4, 2, 8, 0.5
 RTOL = 1e-9  # fp64 PyTorch path
 TRITON_RTOL = 2e-4  # fp32 Triton kernels (interpreter) against the fp64 oracle
+GROUPS = (2, 3)  # leading dimensions of the grouped input: 6 groups
+GROUPED_BACKENDS = ("torch", "cpu") if has_c_compiler() else ("torch",)
 
 
 def _inputs(world: int) -> dict:
@@ -41,6 +44,9 @@ def _inputs(world: int) -> dict:
             torch.randn(DDP_VIEWS, world * DDP_BATCH, D, generator=g, dtype=torch.float64)
             for _ in range(2)
         ],
+        "groups": torch.randn(*GROUPS, n, D, generator=g, dtype=torch.float64)
+        * torch.linspace(0.5, 2.0, 6, dtype=torch.float64).view(*GROUPS, 1, 1),
+        "group_weights": torch.randn(*GROUPS, S, generator=g, dtype=torch.float64),
     }
 
 
@@ -57,14 +63,15 @@ def _group_members(world: int) -> list[int]:
 class _TinyLeJEPA(torch.nn.Module):
     """A linear projector and a SIGReg module: views [V, B, D] -> (loss, inv_loss, sigreg_loss)."""
 
-    def __init__(self, sigreg: torch.nn.Module):
+    def __init__(self, sigreg: torch.nn.Module, sigreg_views: str = "concat"):
         super().__init__()
         torch.manual_seed(0)
         self.projector = torch.nn.Linear(D, DDP_WIDTH).double()
         self.sigreg = sigreg
+        self.sigreg_views = sigreg_views
 
     def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return LeJEPA._compute_loss(self.projector(views), DDP_GLOBAL_VIEWS, self.sigreg, LAMB)
+        return LeJEPA._compute_loss(self.projector(views), DDP_GLOBAL_VIEWS, self.sigreg, LAMB, self.sigreg_views)
 
 
 def _steps(module, xs: list[torch.Tensor]) -> list[dict]:
@@ -148,6 +155,21 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         ddp = torch.nn.parallel.DistributedDataParallel(_TinyLeJEPA(sigreg))
         batch = slice(rank * DDP_BATCH, (rank + 1) * DDP_BATCH)
         results["ddp"] = _ddp_grads(ddp, [v[:, batch] for v in data["views"]])
+
+        per_view = _TinyLeJEPA(FusedSlicedEppsPulley(S, T_MAX, N_POINTS, backend="torch"), "per_view")
+        results["ddp_per_view"] = _ddp_grads(
+            torch.nn.parallel.DistributedDataParallel(per_view), [v[:, batch] for v in data["views"]]
+        )
+
+        rows = _rows(world, rank)
+        for backend, unbiased in itertools.product(GROUPED_BACKENDS, (False, True)):
+            x = data["groups"][..., rows, :]
+            x = x if backend == "torch" else x.float()
+            x.requires_grad_()
+            stats = sliced_epps_pulley(x, FUNCTIONAL_STEP, S, T_MAX, N_POINTS, backend,
+                                       reduction="none", unbiased=unbiased)
+            (stats * data["group_weights"].to(stats.dtype)).sum().backward()
+            results[f"grouped {backend} {unbiased}"] = (stats.detach(), x.grad)
 
         if world == 2:
             module = other_ranks_drift(FusedSlicedEppsPulley(S, T_MAX, N_POINTS, backend="torch"))
@@ -277,3 +299,34 @@ def test_compiled_fullgraph_under_gloo(spawned):
     if world != 2:
         pytest.skip("compiled once, with two ranks")
     _check_global(world, results, "compiled", [FIRST_STEP + i for i in range(STEPS)], 1e-8)
+
+
+def test_ddp_per_view_sigreg_gives_full_batch_gradients(spawned):
+    """sigreg_views="per_view" under DDP: each view's statistic on the global batch."""
+    world, results = spawned
+    model = _TinyLeJEPA(SlicedEppsPulley(S, T_MAX, N_POINTS), "per_view")
+    expected = _ddp_grads(model, _inputs(world)["views"])
+    for result in results:
+        for got, want in zip(result["ddp_per_view"], expected):
+            _assert_close(got["sigreg"], want["sigreg"], RTOL)
+            for name, grad in want["grads"].items():
+                _assert_close(got["grads"][name], grad, RTOL)
+
+
+@pytest.mark.parametrize("unbiased", [False, True], ids=["plug-in", "unbiased"])
+@pytest.mark.parametrize("backend", GROUPED_BACKENDS)
+def test_grouped_statistics_are_global(spawned, backend, unbiased):
+    """x (2, 3, N_r, D), unequal rows per rank: every group's statistics are the fp64 oracle's on
+    the concatenated rows (N the group's total), rank r's gradient W times its rows' (one
+    all-reduce of every group's sums and counts)."""
+    world, results = spawned
+    data = _inputs(world)
+    x = data["groups"].clone().requires_grad_()
+    A = random_directions(D, S, FUNCTIONAL_STEP)
+    want = grouped_oracle(x, A, T_MAX, N_POINTS, unbiased)
+    (want * data["group_weights"]).sum().backward()
+    rtol = RTOL if backend == "torch" else TRITON_RTOL
+    for rank, result in enumerate(results):
+        stats, grad = result[f"grouped {backend} {unbiased}"]
+        _assert_close(stats, want.detach(), rtol)
+        _assert_close(grad, world * x.grad[..., _rows(world, rank), :], rtol)

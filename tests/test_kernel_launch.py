@@ -31,9 +31,9 @@ def embeddings(rows, features, dtype, seed=0):
 def oracle(x, A, t, grad_cos, grad_sin):
     """(C, Z, dx) in fp64: direct trig on the fp64 inputs."""
     x, A, t = x.double(), A.double(), t.double()
-    cos_sums, sin_sums = torch_backend.ecf_sums(x, A, t)
-    grad_x = torch_backend.ecf_sums_backward(x, A, t, grad_cos.double(), grad_sin.double())
-    return cos_sums, sin_sums, grad_x
+    cos_sums, sin_sums = torch_backend.ecf_sums(x[None], A, t)
+    grad_x = torch_backend.ecf_sums_backward(x[None], A, t, grad_cos.double()[None], grad_sin.double()[None])
+    return cos_sums[0], sin_sums[0], grad_x[0]
 
 
 def max_error(got, want):
@@ -162,8 +162,8 @@ def test_the_kernels_assert_their_block_sizes():
         forward_module._ecf_forward_kernel[(1, 1, 1)](
             x, A, t, partials,  # pointers
             N, D, S,  # sizes
-            x.stride(0),  # strides
-            N, 0.0,  # scalars
+            N * D, x.stride(0),  # strides
+            1, N, 0.0,  # scalars
             T=T, CHUNK_T=T, UNIFORM=False, BLOCK_N=16, BLOCK_S=32, BLOCK_D=8, BLOCK_T=32,  # constexprs
             INPUT_PRECISION="ieee", UPCAST_BF16=False,
         )

@@ -243,3 +243,41 @@ def test_bad_forward_inputs(ref_model):
             model(images=gv[0][0])
     finally:
         model.train()
+
+
+def test_per_view_sigreg_and_paper_weighting():
+    """per_view: the mean of each view's statistic on the same directions (fp64 oracle);
+    paper: (1 - lamb) * inv + lamb * sigreg; the defaults are the seed's concat and inv + lamb * sigreg."""
+    from conftest import grouped_oracle
+
+    from lejepa_kernels import FusedSlicedEppsPulley
+    from lejepa_kernels.reference import random_directions
+
+    views = torch.randn(5, 9, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lamb, A = 0.3, random_directions(6, 16, 0)
+    inv = (views[:2].mean(0) - views).square().mean()
+    per_view = grouped_oracle(views, A, 3.0, 17).mean()
+    concat = grouped_oracle(views.reshape(-1, 6), A, 3.0, 17).mean()
+    for sigreg_views, weighting, want_sigreg, want_loss in [
+        ("per_view", "paper", per_view, (1 - lamb) * inv + lamb * per_view),
+        ("concat", "seed", concat, inv + lamb * concat),
+    ]:
+        loss, inv_loss, sigreg_loss = LeJEPA._compute_loss(
+            views, 2, FusedSlicedEppsPulley(16), lamb, sigreg_views, weighting
+        )
+        torch.testing.assert_close(inv_loss, inv, rtol=1e-12, atol=0)
+        torch.testing.assert_close(sigreg_loss, want_sigreg, rtol=1e-10, atol=0)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(sigreg_views="views"), "sigreg_views must be one of"),
+        (dict(loss_weighting="lecun"), "loss_weighting must be one of"),
+        (dict(loss_weighting="paper", lamb=1.5), "lamb must be <= 1"),
+    ],
+)
+def test_bad_loss_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LeJEPA("test_vit", **kwargs)

@@ -62,8 +62,8 @@ def test_kernels_allocate_only_bounded_blocks():
     t = quadrature(3.0, T)[0]
     with LargestAllocation() as probe:
         for dt in (0.0, 3.0 / (T - 1)):
-            cos_sums, sin_sums = torch_backend.ecf_sums(x, A, t, dt, block)
-            torch_backend.ecf_sums_backward(x, A, t, cos_sums, sin_sums, dt, block)
+            cos_sums, sin_sums = torch_backend.ecf_sums(x[None], A, t, dt, block)
+            torch_backend.ecf_sums_backward(x[None], A, t, cos_sums, sin_sums, dt, block)
     assert probe.largest <= max(2 * block, N * D, D * S, 2 * T * S)
     assert probe.largest < N * S
 
@@ -77,8 +77,8 @@ def test_cpu_kernel_allocates_only_bounded_blocks():
     t = quadrature(3.0, T)[0]
     dt = 3.0 / (T - 1)
     with LargestAllocation() as probe:
-        cos_sums, sin_sums = cpu_backend.ecf_sums(x, A, uniform_grid(T, dt), dt, block)
-        cpu_backend.ecf_sums_backward(x, A, t, cos_sums, sin_sums, dt, block)
+        cos_sums, sin_sums = cpu_backend.ecf_sums(x[None], A, uniform_grid(T, dt), dt, block)
+        cpu_backend.ecf_sums_backward(x[None], A, t, cos_sums, sin_sums, dt, block)
     assert probe.largest <= max(block, N * D, D * S, 2 * T * S)
     assert probe.largest < N * S
 

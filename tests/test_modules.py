@@ -94,8 +94,9 @@ def test_bad_configuration(kwargs, match):
 @pytest.mark.parametrize(
     "x, error, match",
     [
-        (torch.randn(5), ValueError, r"2-D \[N, D\]"),
-        (torch.randn(2, 3, 4), ValueError, r"2-D \[N, D\]"),
+        (torch.randn(5), ValueError, r"\[N, D\] \(rows x features\) or \(\*, N, D\)"),
+        (torch.randn(2, 1, 4), ValueError, "at least 2 rows per group"),
+        (torch.randn(0, 3, 4), ValueError, "at least one group"),
         (torch.randn(1, 4), ValueError, "at least 2 rows"),
         (torch.randn(0, 4), ValueError, "at least 2 rows"),
         (torch.randn(5, 0), ValueError, "feature"),

@@ -176,3 +176,21 @@ def test_every_option_defines_the_run_or_may_change_on_resume():
     options = {action.dest for action in parser._actions} - {"help"}
     assert options == set(RUN_SETTINGS) | set(FREE_ON_RESUME)
     assert not set(RUN_SETTINGS) & set(FREE_ON_RESUME)
+
+
+def test_loss_options_are_saved_and_checked_on_resume():
+    """--sigreg-views and --loss-weighting define the run: refused when they differ from the
+    checkpoint's; a checkpoint saved before they existed resumes as concat / seed."""
+    from lejepa_kernels.pretrain.options import UsageError, resolve
+
+    parse = add_parser(argparse.ArgumentParser().add_subparsers()).parse_args
+    fresh = resolve(parse(["--sigreg-views", "per_view", "--loss-weighting", "paper"]))
+    saved = {key: getattr(fresh, key) for key in RUN_SETTINGS}
+    assert (saved["sigreg_views"], saved["loss_weighting"]) == ("per_view", "paper")
+    with pytest.raises(UsageError, match=r"--sigreg-views concat \(saved: per_view\)"):
+        resolve(parse(["--sigreg-views", "concat", "--resume", "x.pt"]), saved)
+    older = {key: value for key, value in saved.items() if key not in ("sigreg_views", "loss_weighting")}
+    resumed = resolve(parse(["--resume", "x.pt"]), older)
+    assert (resumed.sigreg_views, resumed.loss_weighting) == ("concat", "seed")
+    with pytest.raises(UsageError, match="--lamb must be <= 1"):
+        resolve(parse(["--loss-weighting", "paper", "--lamb", "2"]))

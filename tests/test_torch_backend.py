@@ -60,12 +60,13 @@ def test_blocks_and_recurrence_give_the_sums_and_gradient(block_elements, dtype,
     A = random_directions(D, S, 3).double()
     t = torch.arange(17, dtype=torch.float64) * (3.0 / 16)
     angles = (x @ A).unsqueeze(-1) * t
-    cos_sums, sin_sums = torch_backend.ecf_sums(x.to(dtype), A, t, dt, block_elements)
+    cos_sums, sin_sums = (s[0] for s in torch_backend.ecf_sums(x.to(dtype)[None], A, t, dt, block_elements))
     assert cos_sums.dtype == dtype and cos_sums.shape == (S, 17)
     torch.testing.assert_close(cos_sums.double(), angles.cos().sum(0), rtol=0, atol=tol * N)
     torch.testing.assert_close(sin_sums.double(), angles.sin().sum(0), rtol=0, atol=tol * N)
     grad_cos, grad_sin = torch.randn(2, S, 17, dtype=torch.float64)
-    grad_x = torch_backend.ecf_sums_backward(x.to(dtype), A, t, grad_cos, grad_sin, dt, block_elements)
+    grad_x = torch_backend.ecf_sums_backward(x.to(dtype)[None], A, t, grad_cos[None], grad_sin[None], dt,
+                                             block_elements)[0]
     xr = x.clone().requires_grad_()
     angles = (xr @ A).unsqueeze(-1) * t
     ((angles.cos() * grad_cos).sum() + (angles.sin() * grad_sin).sum()).backward()
@@ -82,9 +83,10 @@ def test_recurrence_error_against_direct_trig(T, bound):
     t = torch.arange(T, dtype=torch.float64) * (3.0 / (T - 1))
     angles = (x @ A).unsqueeze(-1) * t
     truth = angles.cos().sum(0), angles.sin().sum(0)
-    recurrence = torch_backend.ecf_sums(x.float(), A, t, 3.0 / (T - 1))
-    direct = torch_backend.ecf_sums(x.float(), A, t)
+    recurrence = torch_backend.ecf_sums(x.float()[None], A, t, 3.0 / (T - 1))
+    direct = torch_backend.ecf_sums(x.float()[None], A, t)
     for got_rec, got_dir, want in zip(recurrence, direct, truth):
+        got_rec, got_dir = got_rec[0], got_dir[0]
         assert (got_rec.double() - want).abs().max() / N < bound
         assert (got_dir.double() - want).abs().max() / N < 1e-6
 

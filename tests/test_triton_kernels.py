@@ -114,8 +114,10 @@ def test_every_candidate_configuration_gives_the_numbers(dtype):
     t = quadrature(3.0, T)[0].to(DEVICE)
     grad_cos, grad_sin = (torch.randn(2, S, T, generator=torch.Generator().manual_seed(12)) / S).to(DEVICE)
     A_read = A.to(dtype).double()  # the kernels multiply A rounded to x's dtype
-    want = torch_backend.ecf_sums(x.double(), A_read, t.double())
-    want_dx = torch_backend.ecf_sums_backward(x.double(), A_read, t.double(), grad_cos.double(), grad_sin.double())
+    want = [s[0] for s in torch_backend.ecf_sums(x.double()[None], A_read, t.double())]
+    want_dx = torch_backend.ecf_sums_backward(
+        x.double()[None], A_read, t.double(), grad_cos.double()[None], grad_sin.double()[None]
+    )[0]
     dx_tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
     for config in FORWARD_CANDIDATES[dtype]:
         sums = ecf_forward(x, A, t, 3.0 / 16, config)
@@ -134,7 +136,7 @@ def test_row_walks_of_one_two_and_many_blocks(monkeypatch, row_blocks):
     N, D, S, T = (row_blocks - 1) * config.block_n + 5, 24, 19, 17
     x = embeddings(N, D, seed=13).float().to(DEVICE)
     A, t = random_directions(D, S, 0, DEVICE), quadrature(3.0, T)[0].to(DEVICE)
-    want = torch_backend.ecf_sums(x.double(), A.double(), t.double())
+    want = [s[0] for s in torch_backend.ecf_sums(x.double()[None], A.double(), t.double())]
     for dt in (3.0 / 16, 0.0):
         sums = ecf_forward(x, A, t, dt, config)
         assert max((got.double() - ref).abs().max().item() for got, ref in zip(sums, want)) / N < 3e-7
@@ -177,8 +179,8 @@ def test_bf16_gradient_accumulates_chunks_in_fp32(monkeypatch):
     A = random_directions(D, S, 0, DEVICE)
     t = quadrature(3.0, 17)[0].to(DEVICE)
     grad_cos, grad_sin = torch.randn(2, S, 17, generator=torch.Generator().manual_seed(9)) / S
-    truth = torch_backend.ecf_sums_backward(x.double(), A.bfloat16().double(), t.double(),
-                                       grad_cos.double(), grad_sin.double())
+    truth = torch_backend.ecf_sums_backward(x.double()[None], A.bfloat16().double(), t.double(),
+                                            grad_cos.double()[None], grad_sin.double()[None])[0]
 
     def grad_x(chunk_slices):
         monkeypatch.setattr(backward_module, "DP_CHUNK_BYTES", N * 2 * chunk_slices)
@@ -202,9 +204,9 @@ def test_recurrence_as_accurate_as_direct_trig(T):
     g = torch.Generator().manual_seed(T)
     grad_cos, grad_sin = (torch.randn(2, S, T, generator=g) / T).to(DEVICE)
     P = x.double() @ A.double()
-    want = torch_backend.ecf_sums(x.double(), A.double(), t.double())
-    want_dx = torch_backend.ecf_sums_backward(x.double(), A.double(), t.double(),
-                                         grad_cos.double(), grad_sin.double())
+    want = [s[0] for s in torch_backend.ecf_sums(x.double()[None], A.double(), t.double())]
+    want_dx = torch_backend.ecf_sums_backward(x.double()[None], A.double(), t.double(),
+                                              grad_cos.double()[None], grad_sin.double()[None])[0]
 
     def errors(dt):
         sums = ecf_forward(x, A, t, dt)

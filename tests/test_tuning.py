@@ -44,7 +44,7 @@ def tuner(monkeypatch, tmp_path):
 
 
 def choose(N=3000, D=64, S=1400, T=17, uniform=True):
-    x = torch.zeros(N, D, dtype=torch.bfloat16)
+    x = torch.zeros(1, N, D, dtype=torch.bfloat16)
     return tuning.tuned_config("forward", x, S, T, uniform, launch=lambda config: config)
 
 
@@ -69,7 +69,7 @@ def test_the_choice_is_kept_on_disk_for_later_processes(tuner, monkeypatch):
 def test_saved_entries_that_are_not_candidates_are_ignored(tuner):
     cache = private_cache.cache_dir()
     cache.mkdir(mode=0o700)
-    key = tuning._key("forward", torch.zeros(3000, 64, dtype=torch.bfloat16), 1400, 17, True)
+    key = tuning._key("forward", torch.zeros(1, 3000, 64, dtype=torch.bfloat16), 1400, 17, True)
     (cache / FILE).write_text(json.dumps({key: [16, 16, 16, 1, 1], "junk": "x", "a:b": [1]}))
     assert choose() == CANDIDATES[2]
     assert len(tuner) == len(CANDIDATES)
@@ -81,7 +81,7 @@ def test_a_candidate_that_cannot_run_here_is_passed_over(tuner, monkeypatch):
             raise triton.runtime.errors.OutOfResources(1 << 20, 228 << 10, "shared memory")
         return config
 
-    x = torch.zeros(3000, 64, dtype=torch.bfloat16)
+    x = torch.zeros(1, 3000, 64, dtype=torch.bfloat16)
     assert tuning.tuned_config("forward", x, 1400, 17, True, launch) == CANDIDATES[0]
 
 

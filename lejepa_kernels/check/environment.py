@@ -63,11 +63,13 @@ def auto_backends(device: str) -> dict[str, str]:
 
 
 def describe() -> dict[str, Any]:
-    """Versions, CUDA device (or None), CPU, threads and the "auto" choices, as plain data."""
+    """Versions, where lejepa_kernels is imported from, CUDA device (or None), CPU, threads and the
+    "auto" choices, as plain data."""
     from .. import __version__
 
     info: dict[str, Any] = dict(
         lejepa_kernels=__version__,
+        lejepa_kernels_path=os.path.dirname(os.path.dirname(__file__)),  # the package's directory
         python=platform.python_version(),
         torch=torch.__version__,
         triton=_version("triton"),
@@ -100,6 +102,7 @@ def describe() -> dict[str, Any]:
 def summary_lines(info: dict[str, Any]) -> list[str]:
     """The environment as a few human-readable lines."""
     lines = [
+        f"lejepa_kernels from {info['lejepa_kernels_path']}",
         f"python {info['python']} ({sys.implementation.name}), torch {info['torch']}, "
         f"triton {info['triton'] or 'not installed'}, numpy {info['numpy'] or 'not installed'}"
     ]

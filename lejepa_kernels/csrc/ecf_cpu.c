@@ -1,15 +1,17 @@
 /* The native CPU kernels of lejepa_kernels: ECF sums and their gradient for one block of
  * projections on a uniform grid t_k = k * dt, k = 0 .. n_points - 1.
  *
- * Input is a block P [rows, ld] of projections (fp32, row-major). With u = dt P, cos(u) and
- * sin(u) come from one vector sincos, then cos(k u) and sin(k u) from the Chebyshev recurrence
- * f_{k+1} = 2 cos(u) f_k - f_{k-1}, VEC columns at a time in vector registers; nothing of size
- * [rows, cols, n_points] exists. The recurrence's error grows about as k^2, so it restarts from
- * a direct sincos every RESTART_INTERVAL points (not within the default 17-point grid). Each call covers the columns [col_begin, col_end), so that
+ * Input is a block P [groups, rows, ld] of projections (fp32, row-major); each group's rows have
+ * their own sums (forward) or gradient coefficients (backward), and one call loops over the
+ * groups. With u = dt P, cos(u) and sin(u) come from one vector sincos, then cos(k u) and
+ * sin(k u) from the Chebyshev recurrence f_{k+1} = 2 cos(u) f_k - f_{k-1}, VEC columns at a time
+ * in vector registers; nothing of size [rows, cols, n_points] exists. The recurrence's error
+ * grows about as k^2, so it restarts from a direct sincos every RESTART_INTERVAL points (not
+ * within the default 17-point grid). Each call covers the columns [col_begin, col_end), so that
  * threads given disjoint column ranges never write to the same place.
  *
  * Both functions return 0, or -1 (doing nothing) when n_points is not in [1, MAX_POINTS].
- * Built at first use by lejepa_kernels/cpu_kernel.py with the system C compiler.
+ * Built at first use by lejepa_kernels/cpu_library.py with the system C compiler.
  */
 #include <math.h>
 #include <stdint.h>
@@ -107,14 +109,10 @@ static inline void harmonics_next(harmonics *h, int64_t k, const float *p, float
 
 int ecf_max_points(void) { return MAX_POINTS; }
 
-/* Adds, for k = 0 .. n_points - 1 and the columns j of [col_begin, col_end),
- *   cos_sums[k * ld_sums + j] += sum_rows cos(k dt P[row, j]),
- *   sin_sums[k * ld_sums + j] += sum_rows sin(k dt P[row, j]).
- * P: [rows, ld] fp32. cos_sums, sin_sums: fp64, n_points rows of ld_sums. */
-int ecf_forward_block(const float *restrict P, int64_t rows, int64_t ld, float dt,
-                      int64_t col_begin, int64_t col_end, int64_t n_points,
-                      double *restrict cos_sums, double *restrict sin_sums, int64_t ld_sums) {
-    if (n_points < 1 || n_points > MAX_POINTS) return -1;
+/* One group of ecf_forward_block: P [rows, ld], sums n_points rows of ld_sums. */
+static void forward_group(const float *restrict P, int64_t rows, int64_t ld, float dt,
+                          int64_t col_begin, int64_t col_end, int64_t n_points,
+                          double *restrict cos_sums, double *restrict sin_sums, int64_t ld_sums) {
     vfloat acc_cos[MAX_POINTS], acc_sin[MAX_POINTS];
     for (int64_t j = col_begin; j < col_end; j += VEC) {
         int64_t width = col_end - j < VEC ? col_end - j : VEC;
@@ -138,17 +136,26 @@ int ecf_forward_block(const float *restrict P, int64_t rows, int64_t ld, float d
         }
         for (int64_t l = 0; l < width; l++) cos_sums[j + l] += (double)rows;
     }
+}
+
+/* Adds, for each group g, k = 0 .. n_points - 1 and the columns j of [col_begin, col_end),
+ *   cos_sums[g * group_stride + k * ld_sums + j] += sum_rows cos(k dt P[g, row, j]),
+ *   sin_sums[g * group_stride + k * ld_sums + j] += sum_rows sin(k dt P[g, row, j]).
+ * P: [groups, rows, ld] fp32. cos_sums, sin_sums: fp64, per group n_points rows of ld_sums. */
+int ecf_forward_block(const float *P, int64_t groups, int64_t rows, int64_t ld, float dt,
+                      int64_t col_begin, int64_t col_end, int64_t n_points, double *cos_sums,
+                      double *sin_sums, int64_t ld_sums, int64_t group_stride) {
+    if (n_points < 1 || n_points > MAX_POINTS) return -1;
+    for (int64_t g = 0; g < groups; g++)
+        forward_group(P + g * rows * ld, rows, ld, dt, col_begin, col_end, n_points,
+                      cos_sums + g * group_stride, sin_sums + g * group_stride, ld_sums);
     return 0;
 }
 
-/* For the columns j of [col_begin, col_end) and every row i, overwrites P with
- *   P[i * ld + j] = sum_k cos_coef[k * ld_coef + j] cos(k dt P[i, j])
- *                       + sin_coef[k * ld_coef + j] sin(k dt P[i, j]).
- * P: [rows, ld] fp32. cos_coef, sin_coef: fp32, n_points rows of ld_coef. */
-int ecf_backward_block(float *P, int64_t rows, int64_t ld, float dt, int64_t col_begin,
-                       int64_t col_end, int64_t n_points, const float *restrict cos_coef,
-                       const float *restrict sin_coef, int64_t ld_coef) {
-    if (n_points < 1 || n_points > MAX_POINTS) return -1;
+/* One group of ecf_backward_block: P [rows, ld], coefficients n_points rows of ld_coef. */
+static void backward_group(float *P, int64_t rows, int64_t ld, float dt, int64_t col_begin,
+                           int64_t col_end, int64_t n_points, const float *restrict cos_coef,
+                           const float *restrict sin_coef, int64_t ld_coef) {
     vfloat a[MAX_POINTS], b[MAX_POINTS];
     for (int64_t j = col_begin; j < col_end; j += VEC) {
         int64_t width = col_end - j < VEC ? col_end - j : VEC;
@@ -167,5 +174,19 @@ int ecf_backward_block(float *P, int64_t rows, int64_t ld, float dt, int64_t col
             store(P + i * ld + j, g, width);
         }
     }
+}
+
+/* For each group g, the columns j of [col_begin, col_end) and every row i, overwrites P with
+ *   P[g, i, j] = sum_k cos_coef[g * group_stride + k * ld_coef + j] cos(k dt P[g, i, j])
+ *                    + sin_coef[g * group_stride + k * ld_coef + j] sin(k dt P[g, i, j]).
+ * P: [groups, rows, ld] fp32. cos_coef, sin_coef: fp32, per group n_points rows of ld_coef. */
+int ecf_backward_block(float *P, int64_t groups, int64_t rows, int64_t ld, float dt,
+                       int64_t col_begin, int64_t col_end, int64_t n_points,
+                       const float *cos_coef, const float *sin_coef, int64_t ld_coef,
+                       int64_t group_stride) {
+    if (n_points < 1 || n_points > MAX_POINTS) return -1;
+    for (int64_t g = 0; g < groups; g++)
+        backward_group(P + g * rows * ld, rows, ld, dt, col_begin, col_end, n_points,
+                       cos_coef + g * group_stride, sin_coef + g * group_stride, ld_coef);
     return 0;
 }

@@ -50,7 +50,10 @@ def _ecf_backward_kernel(
     D,
     S,
     chunk_start,
+    stride_xg,
     stride_xn,
+    stride_dp,
+    row_tiles,
     dt,
     T: tl.constexpr,
     CHUNK_T: tl.constexpr,
@@ -63,20 +66,24 @@ def _ecf_backward_kernel(
 ):
     """One [BLOCK_S, BLOCK_N] tile of dP^T for a chunk of slices, from the recomputed P.
 
-    Grid: (cdiv(N, BLOCK_N), cdiv(chunk, BLOCK_S)); program (i, j) owns rows
-    [i * BLOCK_N, (i + 1) * BLOCK_N) and slices chunk_start + [j * BLOCK_S, (j + 1) * BLOCK_S).
+    Grid: (G * row_tiles, cdiv(chunk, BLOCK_S)), row_tiles = cdiv(N, BLOCK_N); program (i, j)
+    owns rows [r * BLOCK_N, (r + 1) * BLOCK_N) of group g = i // row_tiles (r = i % row_tiles)
+    and slices chunk_start + [j * BLOCK_S, (j + 1) * BLOCK_S).
 
     Args:
-        x_ptr: x [N, D], fp32/bf16/fp16, rows stride_xn elements apart, features contiguous.
+        x_ptr: x [G, N, D], fp32/bf16/fp16, groups stride_xg and rows stride_xn elements apart,
+            features contiguous.
         a_ptr: A [D, S], contiguous, in x's dtype (fp32 holding bf16 values when UPCAST_BF16).
         t_ptr: t [T], fp32, contiguous; read only when not UNIFORM.
-        coef_ptr: coefficients [2, T, S], fp32, contiguous: [0] = (t * dL/dsin_sums)^T multiplies
-            cos(t_k P), [1] = (-t * dL/dcos_sums)^T multiplies sin(t_k P).
-        dp_ptr: dP^T [chunk, N] of this chunk's slices, fp32 (bf16 for bf16 x), contiguous;
-            the slices past S are not written.
-        N, D, S: rows and features of x, slices of A (int32 range).
+        coef_ptr: coefficients [G, 2, T, S], fp32, contiguous: [g, 0] = (t * dL/dsin_sums[g])^T
+            multiplies cos(t_k P), [g, 1] = (-t * dL/dcos_sums[g])^T multiplies sin(t_k P).
+        dp_ptr: dP^T [chunk, G * N] of this chunk's slices (column g * N + n: row n of group g),
+            fp32 (bf16 for bf16 x), contiguous; the slices past S are not written.
+        N, D, S: rows per group and features of x, slices of A (int32 range).
         chunk_start: the chunk's first slice.
-        stride_xn: elements between rows of x.
+        stride_xg, stride_xn: elements between groups and between rows of x.
+        stride_dp: elements between rows of dP^T, G * N.
+        row_tiles: row tiles per group, cdiv(N, BLOCK_N).
         dt: grid spacing, t_k = k * dt (fp32); used when UNIFORM.
         T (constexpr): grid points.
         CHUNK_T (constexpr): grid points per chunk (`config.grid_chunk`).
@@ -94,18 +101,20 @@ def _ecf_backward_kernel(
     # -- 0. this program's rows and slices (cols in A, local_cols in the chunk) ----
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    group = pid_n // row_tiles
+    rows = (pid_n % row_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     local_cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = chunk_start + local_cols
     row_mask = rows < N
     col_mask = cols < S
     # -- 1. projection tile: P^T = A^T x^T, recomputed (the forward never stores P) ----
     p = _projection_tile(
-        x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, S, stride_xn,
+        row_starts(x_ptr, group, stride_xg), a_ptr, rows, cols, row_mask, col_mask, D, S, stride_xn,
         BLOCK_N, BLOCK_S, BLOCK_D, INPUT_PRECISION, UPCAST_BF16,
     )
     # -- 2. dP^T = sum_k cos(t_k P) cos_coef[k] + sin(t_k P) sin_coef[k], in registers ----
     # The coefficients are a [2T, S] matrix: rows k (of cos(t_k P)) and T + k (of sin(t_k P)).
+    coef_ptr = row_starts(coef_ptr, group, 2 * T * S)
     grad = tl.zeros((BLOCK_S, BLOCK_N), dtype=tl.float32)
     if UNIFORM:
         # rotation recurrence, restarted from direct trig at each chunk of CHUNK_T points (one
@@ -125,8 +134,8 @@ def _ecf_backward_kernel(
             a = tl.load(row_starts(coef_ptr, k, S) + cols, mask=col_mask, other=0.0)
             b = tl.load(row_starts(coef_ptr, T + k, S) + cols, mask=col_mask, other=0.0)
             grad += cos_k * a[:, None] + sin_k * b[:, None]
-    # epilogue: the tile of dP^T [chunk, N], in dP's dtype (cuBLAS then adds dP @ A^T to dx)
-    out = row_starts(dp_ptr, local_cols, N)[:, None] + rows[None, :]
+    # epilogue: the tile of dP^T [chunk, G * N], in dP's dtype (cuBLAS then adds dP @ A^T to dx)
+    out = row_starts(dp_ptr, local_cols, stride_dp)[:, None] + (group * N + rows)[None, :]
     tl.store(out, grad.to(dp_ptr.dtype.element_ty), mask=col_mask[:, None] & row_mask[None, :])
 
 
@@ -172,26 +181,32 @@ def ecf_backward(
     dt: float,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """dx [N, D] in x's dtype from the gradients grad_cos, grad_sin [S, T] of the ECF sums.
+    """dx in x's dtype from the gradients grad_cos, grad_sin of the ECF sums: x [N, D] with
+    gradients [S, T], or x [G, N, D] with gradients [G, S, T] (all groups in one launch per
+    chunk of slices).
 
-    x: [N, D] fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes:
-    see `kernel_operands`); dt as in `ecf_forward`; config defaults to the tuned choice for
-    this device and shape (`tuning.tuned_config`).
+    x: fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes: see
+    `kernel_operands`); dt as in `ecf_forward`; config defaults to the tuned choice for this
+    device and shape (`tuning.tuned_config`).
     """
+    shape = x.shape
     x, A, t = kernel_operands(x, A, t)
     S, T = A.shape[1], t.numel()
-    # [2, T, S]: coefficients of cos(t_k P) and sin(t_k P) in dP, contiguous along slices.
-    coef = torch.stack([t * grad_sin.float(), -t * grad_cos.float()]).transpose(1, 2).contiguous()
+    grad_cos, grad_sin = grad_cos.float().reshape(-1, S, T), grad_sin.float().reshape(-1, S, T)
+    # [G, 2, T, S]: coefficients of cos(t_k P) and sin(t_k P) in dP, contiguous along slices.
+    coef = torch.stack([t * grad_sin, -t * grad_cos], dim=1).transpose(2, 3).contiguous()
     directions = kernel_directions(A, x)
     budget = dp_budget(x.device)
-
     if config is None:
-        rows, slices = tuning_sample(x.shape[0], S)
-        sample = (x[:rows], directions[:, :slices].contiguous(), t, coef[:, :, :slices].contiguous())
+        groups, rows, slices = tuning_sample(*x.shape[:2], S)
+        sample = (
+            x[:groups, :rows], directions[:, :slices].contiguous(), t,
+            coef[:groups, :, :, :slices].contiguous(),
+        )
         config = tuned_config(
             "backward", x, S, T, dt > 0, lambda candidate: _launch(*sample, dt, candidate, budget)
         )
-    return _launch(x, directions, t, coef, dt, config, budget).to(x.dtype)
+    return _launch(x, directions, t, coef, dt, config, budget).to(x.dtype).view(shape)
 
 
 def _launch(
@@ -203,22 +218,24 @@ def _launch(
     config: KernelConfig,
     budget: int,
 ) -> torch.Tensor:
-    """dx [N, D] fp32: the kernel over chunks of slices, each followed by dx += dP @ A^T."""
-    N, D = x.shape
+    """dx [G * N, D] fp32 for x [G, N, D]: the kernel over chunks of slices, each followed by
+    dx += dP @ A^T."""
+    G, N, D = x.shape
     S, T = directions.shape[1], t.numel()
     dp_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-    chunk = slices_per_chunk(N, S, dp_dtype.itemsize, config.block_s, budget)
-    dp_t = torch.empty(chunk, N, dtype=dp_dtype, device=x.device)
-    grad_x = torch.zeros(N, D, dtype=torch.float32, device=x.device)
+    chunk = slices_per_chunk(G * N, S, dp_dtype.itemsize, config.block_s, budget)
+    dp_t = torch.empty(chunk, G * N, dtype=dp_dtype, device=x.device)
+    grad_x = torch.zeros(G * N, D, dtype=torch.float32, device=x.device)
+    row_tiles = triton.cdiv(N, config.block_n)
     for start in range(0, S, chunk):
         size = min(chunk, S - start)
-        grid = (triton.cdiv(N, config.block_n), triton.cdiv(size, config.block_s))
+        grid = (G * row_tiles, triton.cdiv(size, config.block_s))
         with launch_scope(x.device):
             _ecf_backward_kernel[grid](
                 x, directions, t, coef, dp_t,  # pointers: x, A, t, coefficients, dP^T
                 N, D, S, start,  # sizes, and the chunk's first slice
-                x.stride(0),  # strides: stride_xn
-                float(dt),  # scalars: grid spacing
+                x.stride(0), x.stride(1), G * N,  # strides: stride_xg, stride_xn, stride_dp
+                row_tiles, float(dt),  # scalars: row tiles per group, grid spacing
                 T=T, CHUNK_T=grid_chunk(T), UNIFORM=dt > 0,  # constexprs: the grid
                 BLOCK_N=config.block_n, BLOCK_S=config.block_s, BLOCK_D=config.block_d,  # constexprs: tile
                 INPUT_PRECISION=input_precision(x.dtype), UPCAST_BF16=interpreter_bf16(x),  # constexprs: dot

@@ -40,26 +40,39 @@ class KernelConfig:
 
 
 # The configurations `tuning` chooses from, per kernel and dtype; the first is the default
-# (the interpreter, and wherever tuning is off). Each compiles without register spills for sm_80
-# and sm_90 under Triton 3.6 and 3.8 (tests/test_compile_targets.py). With 4 warps on a 64 x 64
-# tile the warps split only the slices axis (warpsPerCTA [4, 1] for sm_90's wgmma), so the
-# forward's row sums stay inside a warp; block_s 128 x block_n 32 does the same for sm_80's mma.
-# The last of each list is the configuration before tuning existed, so no GPU can be slower.
-# fp32 tiles reach tl.dot as 3xTF32 (each operand split in two), hence narrower D steps.
+# (the interpreter, and wherever tuning is off). The 16-bit defaults are the fastest measured on
+# an H200 (benchmarks/results/2026-11-28-nvidia-h200-torch2.11-triton3.6-kernels-after.txt).
+# With 4 warps on a 64 x 64 tile sm_90's wgmma layout splits only the slices axis over warps
+# (warpsPerCTA [4, 1]), so the forward's row sums stay inside a warp (7 bar.sync in its PTX, in
+# the D loop); sm_80's mma splits it [2, 2] (77 bar.sync). Each list holds the configuration
+# from before tuning existed, so no GPU can be slower. fp32 tiles reach tl.dot as
+# 3xTF32 (each operand split in two), hence narrower D steps. Every default compiles without
+# register spills for sm_80 and sm_90 under Triton 3.6 and 3.8 (tests/test_compile_targets.py,
+# with every bf16 candidate; benchmarks/kernel_report.py compiles every candidate of every case).
+# One candidate spills there: fp32's 4-warp forward, 104 bytes on sm_90 under Triton 3.6 on
+# shapes that are not multiples of 16; it runs only where tuning measured it faster (2.9 against
+# 5.2 ms for the 8-warp one at 8192 x 512 x 8192 on the H200).
 _FORWARD_16BIT = (
-    KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=2),
-    KernelConfig(block_n=32, block_s=128, block_d=32, num_warps=4, num_stages=2),
     KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=3),
+    KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=4, num_stages=2),
     KernelConfig(block_n=64, block_s=64, block_d=32, num_warps=8, num_stages=1),
 )
 FORWARD_CANDIDATES = {
     torch.float32: (
-        KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=4, num_stages=2),
         KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=8, num_stages=1),
+        KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=4, num_stages=2),
     ),
     torch.bfloat16: _FORWARD_16BIT,
     torch.float16: _FORWARD_16BIT,
 }
+LONG_GRID_FORWARD_CANDIDATES = {
+    torch.float32: (KernelConfig(block_n=64, block_s=64, block_d=16, num_warps=8, num_stages=1),),
+    torch.bfloat16: (_FORWARD_16BIT[-1],),
+    torch.float16: (_FORWARD_16BIT[-1],),
+}
+"""The forward on grids of more than SINGLE_CHUNK_POINTS points, whose chunk starts take a
+direct sincos per projection: the 4-warp tiles spill there (up to 180 bytes on sm_80 under
+Triton 3.6), the 8-warp ones do not."""
 BACKWARD_CANDIDATES = {
     torch.float32: (
         KernelConfig(block_n=32, block_s=64, block_d=32, num_warps=4, num_stages=3),
@@ -127,23 +140,26 @@ def kernel_operands(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, A, t) in the layouts the kernels read, after checking dtypes, devices and shapes.
 
-    x: [N, D] fp32/bf16/fp16, any row stride, copied only if its features are not contiguous;
+    x: [N, D] or [G, N, D] (G groups of N rows) fp32/bf16/fp16, returned as [G, N, D] (G = 1
+    for 2-D input), any group and row strides, copied only if its features are not contiguous;
     A: [D, S] and t: [T], returned contiguous fp32 (copies only where they are not).
     """
     launch_device_check(x, A, t)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [N, D], got shape {tuple(x.shape)}")
-    if A.dim() != 2 or A.shape[0] != x.shape[1]:
-        raise ValueError(f"A must be [D, S] with D = x.shape[1] = {x.shape[1]}, got {tuple(A.shape)}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"x must be [N, D] or [G, N, D], got shape {tuple(x.shape)}")
+    if A.dim() != 2 or A.shape[0] != x.shape[-1]:
+        raise ValueError(f"A must be [D, S] with D = x.shape[-1] = {x.shape[-1]}, got {tuple(A.shape)}")
     if t.dim() != 1:
         raise ValueError(f"t must be 1-D [T], got shape {tuple(t.shape)}")
-    sizes = (("rows N", x.shape[0]), ("features D", x.shape[1]), ("slices S", A.shape[1]))
+    x = x if x.dim() == 3 else x.unsqueeze(0)
+    G, N, D = x.shape
+    sizes = (("rows G * N", G * N), ("features D", D), ("slices S", A.shape[1]))
     for name, size in sizes:
         if size >= INDEX_LIMIT:
             raise ValueError(
                 f"the Triton kernels take fewer than 2^31 {name}, got {size}; use backend='torch'"
             )
-    if x.stride(1) != 1 and x.shape[1] > 1:
+    if x.stride(2) != 1 and D > 1:
         x = x.contiguous()
     return x, A.to(torch.float32).contiguous(), t.to(torch.float32).contiguous()
 

@@ -1,7 +1,7 @@
 """Forward kernel: cos/sin sums of t_k (x @ A) over rows, fused with the projection matmul.
 
-A program owns BLOCK_S slices, one contiguous range of rows (a "split") and one chunk of grid
-points. It walks its rows BLOCK_N at a time: the [BLOCK_S, BLOCK_N] projection tile is formed by
+A program owns BLOCK_S slices, one contiguous range of one group's rows (a "split") and one chunk
+of grid points. It walks its rows BLOCK_N at a time: the [BLOCK_S, BLOCK_N] projection tile is formed by
 `tl.dot` in fp32 and, while it is in registers, turned into the chunk's cos and sin row sums,
 which are added to [BLOCK_S, BLOCK_T] accumulators that stay in registers for the whole walk.
 Each program writes its accumulators once, to its own slot of a [splits, 2, T, S] fp32 buffer;
@@ -41,7 +41,9 @@ def _ecf_forward_kernel(
     N,
     D,
     S,
+    stride_xg,
     stride_xn,
+    splits,
     rows_per_split,
     dt,
     T: tl.constexpr,
@@ -57,19 +59,21 @@ def _ecf_forward_kernel(
     """Partial cos_sums and sin_sums of BLOCK_S slices over one split's rows, at one chunk of
     CHUNK_T grid points.
 
-    Grid: (cdiv(S, BLOCK_S), splits, cdiv(T, CHUNK_T)); program (i, j, c) owns slices
-    [i * BLOCK_S, (i + 1) * BLOCK_S), rows [j * rows_per_split, (j + 1) * rows_per_split) of x
-    and grid points [c * CHUNK_T, (c + 1) * CHUNK_T).
+    Grid: (cdiv(S, BLOCK_S), G * splits, cdiv(T, CHUNK_T)); program (i, j, c) owns slices
+    [i * BLOCK_S, (i + 1) * BLOCK_S), rows [s * rows_per_split, (s + 1) * rows_per_split) of
+    group g = j // splits (s = j % splits) and grid points [c * CHUNK_T, (c + 1) * CHUNK_T).
 
     Args:
-        x_ptr: x [N, D], fp32/bf16/fp16, rows stride_xn elements apart, features contiguous.
+        x_ptr: x [G, N, D], fp32/bf16/fp16, groups stride_xg and rows stride_xn elements apart,
+            features contiguous.
         a_ptr: A [D, S], contiguous, in x's dtype (fp32 holding bf16 values when UPCAST_BF16).
         t_ptr: t [T], fp32, contiguous; read only when not UNIFORM.
-        partial_ptr: partial sums [splits, 2, T, S], fp32, contiguous: program (i, j, c) writes
-            [j, 0] (cos_sums^T) and [j, 1] (sin_sums^T) at its slices and grid points, once.
-        N, D, S: rows and features of x, slices of A (int32 range).
-        stride_xn: elements between rows of x.
-        rows_per_split: rows per split, a multiple of BLOCK_N (the last split may have fewer).
+        partial_ptr: partial sums [G * splits, 2, T, S], fp32, contiguous: program (i, j, c)
+            writes [j, 0] (cos_sums^T) and [j, 1] (sin_sums^T) at its slices and grid points, once.
+        N, D, S: rows per group and features of x, slices of A (int32 range).
+        stride_xg, stride_xn: elements between groups and between rows of x.
+        splits: splits per group.
+        rows_per_split: rows per split, a multiple of BLOCK_N (a group's last may have fewer).
         dt: grid spacing, t_k = k * dt (fp32); used when UNIFORM.
         T (constexpr): grid points.
         CHUNK_T (constexpr): grid points per chunk (`config.grid_chunk`).
@@ -89,11 +93,12 @@ def _ecf_forward_kernel(
     # -- 0. this program's slices, rows and grid points ----
     pid_s = tl.program_id(0)
     split = tl.program_id(1)
+    group_x_ptr = row_starts(x_ptr, split // splits, stride_xg)
     k0 = tl.program_id(2) * CHUNK_T
     cols = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     col_mask = cols < S
     points = tl.arange(0, BLOCK_T)
-    row_start = split * rows_per_split
+    row_start = (split % splits) * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, N)
     # The sums of this program's slices at its grid points, over its rows: column k holds
     # grid point k0 + k. Kept in registers across the whole row walk.
@@ -104,7 +109,7 @@ def _ecf_forward_kernel(
         rows = r0 + tl.arange(0, BLOCK_N)
         row_mask = rows < row_end
         p = _projection_tile(
-            x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, S, stride_xn,
+            group_x_ptr, a_ptr, rows, cols, row_mask, col_mask, D, S, stride_xn,
             BLOCK_N, BLOCK_S, BLOCK_D, INPUT_PRECISION, UPCAST_BF16,
         )
         # 1 on real rows, 0 on padding: it scales the chunk's first values, so padded rows add 0.
@@ -145,46 +150,51 @@ def ecf_forward(
     dt: float,
     config: KernelConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos_sums, sin_sums) [S, T] fp32: sums over rows of cos and sin of t_k (x @ A).
+    """(cos_sums, sin_sums) fp32: sums over rows of cos and sin of t_k (x @ A), [S, T] for x
+    [N, D], [G, S, T] for x [G, N, D] (each group's own sums, all groups in one launch).
 
-    x: [N, D] fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes:
-    see `kernel_operands`). dt > 0 declares t_k = k * dt (recurrence); 0 means use t directly.
+    x: fp32/bf16/fp16, any strides; A: [D, S]; t: [T] (any layouts and float dtypes: see
+    `kernel_operands`). dt > 0 declares t_k = k * dt (recurrence); 0 means use t directly.
     config defaults to the tuned choice for this device and shape (`tuning.tuned_config`).
     """
+    grouped = x.dim() == 3
     x, A, t = kernel_operands(x, A, t)
     directions = kernel_directions(A, x)
     if config is None:
-        rows, slices = tuning_sample(x.shape[0], directions.shape[1])
-        sample = (x[:rows], directions[:, :slices].contiguous(), t)
+        groups, rows, slices = tuning_sample(*x.shape[:2], directions.shape[1])
+        sample = (x[:groups, :rows], directions[:, :slices].contiguous(), t)
+        kernel = "forward" if grid_chunk(t.numel()) == t.numel() else "forward_long_grid"
         config = tuned_config(
-            "forward", x, directions.shape[1], t.numel(), dt > 0, lambda candidate: _launch(*sample, dt, candidate)
+            kernel, x, directions.shape[1], t.numel(), dt > 0, lambda candidate: _launch(*sample, dt, candidate)
         )
     partials = _launch(x, directions, t, dt, config)
-    return partials[:, 0].sum(0).T.contiguous(), partials[:, 1].sum(0).T.contiguous()
+    partials = partials.view(x.shape[0], -1, *partials.shape[1:])  # [G, splits, 2, T, S]
+    cos_sums, sin_sums = (partials[:, :, i].sum(1).transpose(1, 2).contiguous() for i in (0, 1))
+    return (cos_sums, sin_sums) if grouped else (cos_sums[0], sin_sums[0])
 
 
 def _launch(
     x: torch.Tensor, directions: torch.Tensor, t: torch.Tensor, dt: float, config: KernelConfig
 ) -> torch.Tensor:
-    """The kernel's partial sums [splits, 2, T, S] fp32, from operands as `kernel_operands` and
-    `kernel_directions` give them."""
-    N, D = x.shape
+    """The kernel's partial sums [G * splits, 2, T, S] fp32 (group-major), from x [G, N, D] and
+    the operands as `kernel_operands` and `kernel_directions` give them."""
+    G, N, D = x.shape
     S, T = directions.shape[1], t.numel()
     chunk_t = grid_chunk(T)
     chunks = triton.cdiv(T, chunk_t)
     slice_tiles = triton.cdiv(S, config.block_s)
     row_blocks = triton.cdiv(N, config.block_n)
-    programs_per_split = slice_tiles * chunks
+    programs_per_split = slice_tiles * chunks * G
     splits = min(row_blocks, max(1, triton.cdiv(program_count_target(x.device), programs_per_split)))
     rows_per_split = triton.cdiv(row_blocks, splits) * config.block_n
     splits = triton.cdiv(N, rows_per_split)
-    partials = torch.empty(splits, 2, T, S, dtype=torch.float32, device=x.device)
+    partials = torch.empty(G * splits, 2, T, S, dtype=torch.float32, device=x.device)
     with launch_scope(x.device):
-        _ecf_forward_kernel[(slice_tiles, splits, chunks)](
+        _ecf_forward_kernel[(slice_tiles, G * splits, chunks)](
             x, directions, t, partials,  # pointers: x, A, t, partial sums
             N, D, S,  # sizes
-            x.stride(0),  # strides: stride_xn
-            rows_per_split, float(dt),  # scalars: rows per split, grid spacing
+            x.stride(0), x.stride(1),  # strides: stride_xg, stride_xn
+            splits, rows_per_split, float(dt),  # scalars: splits per group, rows per split, grid spacing
             T=T, CHUNK_T=chunk_t, UNIFORM=dt > 0,  # constexprs: the grid
             BLOCK_N=config.block_n, BLOCK_S=config.block_s, BLOCK_D=config.block_d,  # constexprs: tile
             BLOCK_T=triton.next_power_of_2(chunk_t),  # constexprs: the accumulators' width

@@ -4,9 +4,9 @@ The first launch of a kernel with a new key (kernel, dtype, grid kind and length
 rounded up to powers of 2, N and S at most SAMPLE_ROWS and SAMPLE_SLICES) on a CUDA device times
 every candidate of `config.FORWARD_CANDIDATES` or `config.BACKWARD_CANDIDATES` on that launch's
 own inputs, their first SAMPLE_ROWS rows and SAMPLE_SLICES slices (`triton.testing.do_bench`),
-and keeps the fastest. The choice holds for the rest of the process and is written to a JSON file in the
-private cache (`private_cache`), one per GPU model and Triton version, so that later processes on
-this machine choose the same and give the same bits. Different configurations sum in different
+and keeps the fastest. The choice holds for the rest of the process and is written to a JSON
+file in the private cache (`private_cache`), one per GPU model and Triton version, so that later
+processes on this machine choose the same and give the same bits. Different configurations sum in different
 orders: their results agree to rounding, not bit for bit.
 
 The first candidate is used, without tuning, for calls of fewer than MIN_TUNED_PROJECTIONS
@@ -27,13 +27,17 @@ import torch
 import triton
 
 from .. import private_cache
-from .config import BACKWARD_CANDIDATES, FORWARD_CANDIDATES, KernelConfig
+from .config import BACKWARD_CANDIDATES, FORWARD_CANDIDATES, LONG_GRID_FORWARD_CANDIDATES, KernelConfig
 
 TUNING_ENV = "LEJEPA_KERNELS_TUNING"
 MIN_TUNED_PROJECTIONS = 1 << 22
 """Calls with fewer projections N * S than this take the first candidate: their launch costs
 more than any configuration saves, and tuning them would cost more still."""
-CANDIDATES = {"forward": FORWARD_CANDIDATES, "backward": BACKWARD_CANDIDATES}
+CANDIDATES = {
+    "forward": FORWARD_CANDIDATES,
+    "forward_long_grid": LONG_GRID_FORWARD_CANDIDATES,
+    "backward": BACKWARD_CANDIDATES,
+}
 SAMPLE_ROWS, SAMPLE_SLICES = 8192, 16384
 """Candidates are timed on at most this many rows and slices of a call (the paper's workload
 fits): enough to fill a GPU, and a huge call is not run dozens of times."""
@@ -52,11 +56,11 @@ def tuned_config(
     uniform: bool,
     launch: Callable[[KernelConfig], object],
 ) -> KernelConfig:
-    """The configuration of `kernel` ("forward" or "backward") for x [N, D] with n_slices and
+    """The configuration of `kernel` (a key of CANDIDATES) for x [G, N, D] with n_slices and
     n_points: the choice made on this GPU, or made now by timing `launch(config)` for each
     candidate (a launch must have no effect other than its result)."""
     candidates = CANDIDATES[kernel][x.dtype]
-    if x.shape[0] * n_slices < MIN_TUNED_PROJECTIONS or not _tuning_on(x):
+    if len(candidates) == 1 or x.shape[0] * x.shape[1] * n_slices < MIN_TUNED_PROJECTIONS or not _tuning_on(x):
         return candidates[0]
     name = _file_name(x.device)
     choices = _load(name)
@@ -67,9 +71,11 @@ def tuned_config(
     return choices[key]
 
 
-def tuning_sample(n_rows: int, n_slices: int) -> tuple[int, int]:
-    """(rows, slices) of a call that its candidates are timed on."""
-    return min(n_rows, SAMPLE_ROWS), min(n_slices, SAMPLE_SLICES)
+def tuning_sample(n_groups: int, n_rows: int, n_slices: int) -> tuple[int, int]:
+    """(groups, rows per group, slices) of a call of n_groups groups of n_rows rows that its
+    candidates are timed on: at most SAMPLE_ROWS rows in all and SAMPLE_SLICES slices."""
+    rows = min(n_rows, SAMPLE_ROWS)
+    return max(1, min(n_groups, SAMPLE_ROWS // rows)), rows, min(n_slices, SAMPLE_SLICES)
 
 
 def _tuning_on(x: torch.Tensor) -> bool:
@@ -79,8 +85,10 @@ def _tuning_on(x: torch.Tensor) -> bool:
 
 
 def _key(kernel: str, x: torch.Tensor, n_slices: int, n_points: int, uniform: bool) -> str:
-    N, S = tuning_sample(x.shape[0], n_slices)
-    sizes = "-".join(f"{name}{triton.next_power_of_2(size)}" for name, size in zip("NDS", (N, x.shape[1], S)))
+    groups, rows, S = tuning_sample(*x.shape[:2], n_slices)
+    sizes = "-".join(
+        f"{name}{triton.next_power_of_2(size)}" for name, size in zip("NDS", (groups * rows, x.shape[2], S))
+    )
     return f"{kernel}:{str(x.dtype).removeprefix('torch.')}:{'uniform' if uniform else 'direct'}{n_points}:{sizes}"
 
 

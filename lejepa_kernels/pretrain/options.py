@@ -32,18 +32,20 @@ FOLDER_DEFAULTS: dict[str, Any] = dict(
     workers=min(8, os.cpu_count() or 1),
 )
 COMMON_DEFAULTS: dict[str, Any] = dict(
-    num_slices=1024, directions="seed", lamb=0.02, sigreg="fused", weight_decay=0.05, warmup=0.1, local_views=6,
-    drop_path=0.1, seed=0,
+    num_slices=1024, directions="seed", lamb=0.02, sigreg="fused", sigreg_views="concat", loss_weighting="seed",
+    weight_decay=0.05, warmup=0.1, local_views=6, drop_path=0.1, seed=0,
 )
 # Local view size / global view size: 96/224 in the paper; half on the digits, where a ViT with
 # 16 px patches then sees 2x2 patches per local view.
 LOCAL_RATIO = {"digits": 1 / 2, "folder": 96 / 224}
 
 RUN_SETTINGS = (
-    "data", "model", "epochs", "batch_size", "num_slices", "directions", "lamb", "sigreg", "lr", "weight_decay",
-    "warmup", "local_views", "image_size", "local_size", "drop_path", "seed",
+    "data", "model", "epochs", "batch_size", "num_slices", "directions", "lamb", "sigreg", "sigreg_views",
+    "loss_weighting", "lr", "weight_decay", "warmup", "local_views", "image_size", "local_size", "drop_path", "seed",
 )
 """The options that define a run: saved in its checkpoints, refused on resume when they differ."""
+SETTINGS_ADDED_LATER = dict(sigreg_views="concat", loss_weighting="seed", directions="seed")
+"""Run settings that checkpoints written before them lack, with the value those runs used."""
 
 FREE_ON_RESUME = ("device", "workers", "max_steps", "checkpoint", "checkpoint_every", "resume", "out")
 """The options that may differ on resume: they do not change the run's numbers."""
@@ -105,6 +107,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigreg", choices=("fused", "reference"),
                    help="fused (memory-bounded) or the seed's module, which materialises "
                    f"rows x slices x 17 tensors ({_common('sigreg')})")
+    p.add_argument("--sigreg-views", choices=("concat", "per_view"),
+                   help="SIGReg over all views' embeddings together (concat), or the mean of each view's "
+                   f"SIGReg, as the LeJEPA paper does (per_view) ({_common('sigreg_views')})")
+    p.add_argument("--loss-weighting", choices=("seed", "paper"),
+                   help="seed: loss = invariance + lamb * SIGReg; paper: (1 - lamb) * invariance + lamb * SIGReg "
+                   f"(lamb <= 1) ({_common('loss_weighting')})")
     p.add_argument("--lr", metavar="X", type=_float_in(0.0, math.inf, low_open=True),
                    help=f"peak AdamW learning rate ({_per_data('lr')})")
     p.add_argument("--weight-decay", metavar="X", type=_float_in(0.0, math.inf),
@@ -156,7 +164,7 @@ def resolve(args: argparse.Namespace, saved: Optional[Mapping[str, Any]] = None)
     if args.data is not None:
         args.data = os.path.abspath(args.data)  # the same directory whatever the working directory
     if saved is not None:
-        saved = {"directions": "seed", **saved}  # checkpoints from before --directions drew the seed's
+        saved = {**SETTINGS_ADDED_LATER, **saved}
         differing = [
             f"{_flag(key)} {getattr(args, key)} (saved: {saved[key]})"
             for key in RUN_SETTINGS if getattr(args, key) is not None and getattr(args, key) != saved[key]
@@ -174,8 +182,14 @@ def resolve(args: argparse.Namespace, saved: Optional[Mapping[str, Any]] = None)
             setattr(args, key, value)
     if args.directions == "blockwise" and args.sigreg != "fused":
         raise UsageError("--directions blockwise needs --sigreg fused (the seed's module draws the seed's directions)")
+    if args.directions == "blockwise" and args.sigreg_views == "per_view":
+        raise UsageError("--directions blockwise takes one statistic over all views: use --sigreg-views concat")
     if args.local_size is None:
         args.local_size = max(1, round(args.image_size * LOCAL_RATIO["digits" if digits else "folder"]))
+    if args.loss_weighting == "paper" and args.lamb > 1:
+        raise UsageError(
+            f"--loss-weighting paper weighs the invariance by 1 - lamb: --lamb must be <= 1, got {args.lamb}"
+        )
     return args
 
 

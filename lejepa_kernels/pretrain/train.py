@@ -49,8 +49,9 @@ def build_model(args: argparse.Namespace) -> LeJEPA:
     random-initialisation baseline is exactly the pretraining's start)."""
     torch.manual_seed(args.seed)
     try:
-        return LeJEPA(args.model, n_slices=args.num_slices, lamb=args.lamb,
-                      drop_path_rate=args.drop_path, sigreg=args.sigreg, directions=args.directions)
+        return LeJEPA(args.model, n_slices=args.num_slices, lamb=args.lamb, drop_path_rate=args.drop_path,
+                      sigreg=args.sigreg, sigreg_views=args.sigreg_views, loss_weighting=args.loss_weighting,
+                      directions=args.directions)
     except (ValueError, TypeError) as err:
         raise UsageError(f"--model {args.model}: {err}") from None
 
@@ -372,8 +373,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         print(f"LeJEPA pretraining: {args.model} ({n_params:.2f}M backbone parameters) on {data.name} "
               f"({len(data.train_idx)} train / {len(data.test_idx)} held-out images), 2x{args.image_size}px + "
               f"{args.local_views}x{args.local_size}px views, {args.num_slices} {args.directions} slices, "
-              f"{args.sigreg} SIGReg, {run.device}" + (f" x {run.world_size} processes" if run.distributed else ""),
-              flush=True)
+              f"{args.sigreg} SIGReg ({args.sigreg_views.replace('_', '-')}, {args.loss_weighting} weighting), "
+              f"{run.device}" + (f" x {run.world_size} processes" if run.distributed else ""), flush=True)
         if args.resume is not None:
             print(f"resuming {args.resume} at {run.position()}", flush=True)
 
@@ -404,7 +405,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         train_seconds=train_seconds,
         loss=last.get("loss"), inv_loss=last.get("inv_loss"), sigreg_loss=last.get("sigreg_loss"),
         model=args.model, data=data.name, epochs=args.epochs, steps=progress.step, batch_size=args.batch_size,
-        world_size=run.world_size, lamb=args.lamb, sigreg=args.sigreg, lr=args.lr, image_size=args.image_size,
+        world_size=run.world_size, lamb=args.lamb, sigreg=args.sigreg, sigreg_views=args.sigreg_views,
+        loss_weighting=args.loss_weighting, lr=args.lr, image_size=args.image_size,
         local_size=args.local_size, views=dict(n_global=2, n_local=args.local_views), seed=args.seed,
         device=str(run.device), train_images=len(data.train_idx), held_out_images=len(data.test_idx),
         checkpoint=str(args.checkpoint), history=progress.history, step_losses=progress.step_losses,
