@@ -1,5 +1,5 @@
-"""Every kernel variant that launches produce (every tuning candidate) compiles for sm_80 and
-sm_90, without spills.
+"""Every kernel variant that launches produce (the defaults, and every bf16 tuning candidate)
+compiles for sm_80 and sm_90, without spills.
 
 The Triton interpreter accepts code the compiler rejects, so the kernels are also compiled to
 PTX and cubin here (no GPU needed), in a subprocess without TRITON_INTERPRET, specialised as
@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -37,12 +38,20 @@ def builds() -> list[dict]:
 
 def test_every_case_compiles_once_per_capability(builds):
     """Each (kernel, dtype, grid, shape class) at each configuration launches one binary,
-    whatever its chunks or splits, compiled for each capability: every candidate that tuning may
-    choose on the aligned shape class, the default on the ragged one."""
+    whatever its chunks or splits, compiled for each capability: the launchers' default of every
+    case (the long grid's forward has its own), and every candidate that tuning may choose on the
+    workloads' case (bf16, the uniform grid, the aligned shape class)."""
     candidates = {"forward": config.FORWARD_CANDIDATES, "backward": config.BACKWARD_CANDIDATES}
 
     def label(c):
         return f"{c.block_n},{c.block_s},{c.block_d},{c.num_warps},{c.num_stages}"
+
+    def configurations(kernel, dtype, grid, shape):
+        if (dtype, grid, shape) == (torch.bfloat16, "uniform", "aligned"):
+            return candidates[kernel][dtype]
+        if kernel == "forward" and grid == "uniform_long":
+            return config.LONG_GRID_FORWARD_CANDIDATES[dtype][:1]
+        return candidates[kernel][dtype][:1]
 
     expected = {
         (kernel, name, grid, shape, label(c), capability)
@@ -50,7 +59,7 @@ def test_every_case_compiles_once_per_capability(builds):
         for dtype, name in TRITON_TYPES.items()
         for grid in GRIDS
         for shape in SHAPES
-        for c in (candidates[kernel][dtype] if shape == "aligned" else candidates[kernel][dtype][:1])
+        for c in configurations(kernel, dtype, grid, shape)
         for capability in CAPABILITIES
     }
     got = [(b["kernel"], b["dtype"], b["grid"], b["shape"], b["config"], b["capability"]) for b in builds]
