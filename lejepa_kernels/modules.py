@@ -49,8 +49,17 @@ class OnGrid(nn.Module):
 
     @property
     def grid(self) -> nn.Module:
-        """The module holding the buffers t, phi and weights."""
-        raise NotImplementedError
+        """The module holding the buffers t, phi and weights: this one (`_hold_grid`), unless a
+        subclass keeps them in a submodule."""
+        return self
+
+    def _hold_grid(self, t: torch.Tensor, phi: torch.Tensor, weights: torch.Tensor) -> None:
+        """Register the grid ([T] each) as this module's buffers t, phi and weights, and read
+        its spacing off t."""
+        self.register_buffer("t", t)
+        self.register_buffer("phi", phi)
+        self.register_buffer("weights", weights)
+        self._resync_grid()
 
     def _on_load(self) -> None:
         self._resync_grid()

@@ -55,15 +55,7 @@ class EppsPulley(OnGrid):
             raise ValueError(f"integration must be one of {INTEGRATIONS}, got {integration!r}")
         self.integration = integration
         self.n_points = n_points
-        t, phi, weights = quadrature(t_max, n_points)
-        self.register_buffer("t", t)
-        self.register_buffer("phi", phi)
-        self.register_buffer("weights", weights)
-        self._resync_grid()
-
-    @property
-    def grid(self) -> nn.Module:
-        return self
+        self._hold_grid(*quadrature(t_max, n_points))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (*, N, K) projections. Returns the per-slice statistics (*, K)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import numbers
 
 import torch
-from torch import nn
 
 from ..backends import check_choice
 from ..distributed import broadcast_from_first_rank, group_size, is_distributed
@@ -74,15 +73,7 @@ class SIGReg(OnGrid):
         self.num_vectors = num_vectors
         self.gather_distributed = gather_distributed
         self.backend = backend
-        t, phi, weights = lightly_grid(knots, t_max)
-        self.register_buffer("t", t)
-        self.register_buffer("phi", phi)
-        self.register_buffer("weights", weights)
-        self._resync_grid()
-
-    @property
-    def grid(self) -> nn.Module:
-        return self
+        self._hold_grid(*lightly_grid(knots, t_max))
 
     def _gathering(self) -> bool:
         return self.gather_distributed and is_distributed() and group_size() > 1
