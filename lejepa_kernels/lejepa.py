@@ -151,6 +151,8 @@ class LeJEPA(nn.Module):
     :param directions: ``"seed"`` (the seed's directions) or ``"blockwise"`` (drawn block by
         block, memory independent of ``n_slices``); ``"fused"`` only.
     :param orthogonal: orthonormalise each group of at most K directions; ``"fused"`` only.
+    :param unbiased: the unbiased form of the statistic (its expectation is 0 for Gaussian
+        embeddings, see :func:`~lejepa_kernels.functional.epps_pulley_statistic`); ``"fused"`` only.
     :param sigreg_views: ``"concat"`` (the seed: one statistic over the V*B rows) or
         ``"per_view"`` (the LeJEPA paper and its code: the mean of the V per-view statistics).
     :param loss_weighting: ``"seed"`` (``inv + lamb * sigreg``) or ``"paper"`` (``(1 - lamb) *
@@ -171,15 +173,16 @@ class LeJEPA(nn.Module):
         sigreg: str = "fused",
         directions: str = "seed",
         orthogonal: bool = False,
+        unbiased: bool = False,
         sigreg_views: str = "concat",
         loss_weighting: str = "seed",
     ) -> None:
         super().__init__()
         if sigreg not in _SIGREG_CHOICES:
             raise ValueError(f"sigreg must be one of {sorted(_SIGREG_CHOICES)}, got {sigreg!r}")
-        direction_options = dict(directions=directions, orthogonal=orthogonal)
-        if sigreg == "reference" and (directions, orthogonal) != ("seed", False):
-            raise ValueError("directions='blockwise' and orthogonal=True need sigreg='fused'")
+        fused_options = dict(directions=directions, orthogonal=orthogonal, unbiased=unbiased)
+        if sigreg == "reference" and (directions, orthogonal, unbiased) != ("seed", False, False):
+            raise ValueError("directions='blockwise', orthogonal=True and unbiased=True need sigreg='fused'")
         if sigreg_views not in SIGREG_VIEWS:
             raise ValueError(f"sigreg_views must be one of {SIGREG_VIEWS}, got {sigreg_views!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
@@ -207,7 +210,7 @@ class LeJEPA(nn.Module):
             projector = nn.Sequential(nn.Linear(embed_dim, 512), MLP(512, [2048, 2048, 512], dropout=0.0))
         self.projector = projector
         self.sigreg = _SIGREG_CHOICES[sigreg](
-            num_slices=n_slices, t_max=t_max, n_points=n_points, **(direction_options if sigreg == "fused" else {})
+            num_slices=n_slices, t_max=t_max, n_points=n_points, **(fused_options if sigreg == "fused" else {})
         )
         self.lamb = lamb
         self.sigreg_views = sigreg_views

@@ -281,3 +281,22 @@ def test_per_view_sigreg_and_paper_weighting():
 def test_bad_loss_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LeJEPA("test_vit", **kwargs)
+
+
+def test_unbiased_and_orthogonal_reach_the_sigreg():
+    """LeJEPA(unbiased=True, orthogonal=True)'s SIGReg term is the unbiased statistic on the
+    orthonormalised directions, against the fp64 oracle; the seed's module refuses both."""
+    from conftest import grouped_oracle
+
+    from lejepa_kernels.blockwise import orthonormal_groups
+    from lejepa_kernels.reference import random_directions
+
+    model = LeJEPA("test_vit", n_slices=16, unbiased=True, orthogonal=True)
+    views = torch.randn(4, 9, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    _, _, sigreg_loss = LeJEPA._compute_loss(views, 2, model.sigreg.double(), 0.1)
+    A = orthonormal_groups(random_directions(6, 16, 0))
+    want = grouped_oracle(views.reshape(-1, 6), A, 3.0, 17, unbiased=True).mean()
+    torch.testing.assert_close(sigreg_loss, want, rtol=1e-10, atol=0)
+    for kwargs in (dict(unbiased=True), dict(orthogonal=True)):
+        with pytest.raises(ValueError, match="need sigreg='fused'"):
+            LeJEPA("test_vit", sigreg="reference", **kwargs)

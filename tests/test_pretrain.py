@@ -161,3 +161,24 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     expected = f"lejepa-kernels pretrain: error: --data {tmp_path / 'nowhere'}: no such directory"
     assert proc.stderr.strip().splitlines() == [expected]
+
+
+def test_orthogonal_and_unbiased_options(capsys):
+    """Off by default and in checkpoints written before them; --x / --no-x; fused only."""
+    import argparse
+
+    from lejepa_kernels.pretrain.options import add_arguments, resolve
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = resolve(parser.parse_args([]))
+    assert (default.orthogonal, default.unbiased) == (False, False)
+    given = resolve(parser.parse_args(["--orthogonal", "--unbiased"]))
+    assert (given.orthogonal, given.unbiased) == (True, True)
+    assert resolve(parser.parse_args(["--no-unbiased"])).unbiased is False
+    saved = vars(default)
+    del saved["orthogonal"], saved["unbiased"]  # a checkpoint written before the options existed
+    resumed = resolve(parser.parse_args([]), saved)
+    assert (resumed.orthogonal, resumed.unbiased) == (False, False)
+    for flag in ("--orthogonal", "--unbiased"):
+        assert f"{flag} needs --sigreg fused" in error_of(capsys, flag, "--sigreg", "reference")

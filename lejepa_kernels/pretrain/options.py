@@ -32,7 +32,8 @@ FOLDER_DEFAULTS: dict[str, Any] = dict(
     workers=min(8, os.cpu_count() or 1),
 )
 COMMON_DEFAULTS: dict[str, Any] = dict(
-    num_slices=1024, directions="seed", lamb=0.02, sigreg="fused", sigreg_views="concat", loss_weighting="seed",
+    num_slices=1024, directions="seed", orthogonal=False, unbiased=False, lamb=0.02, sigreg="fused",
+    sigreg_views="concat", loss_weighting="seed",
     weight_decay=0.05, warmup=0.1, local_views=6, drop_path=0.1, seed=0,
 )
 # Local view size / global view size: 96/224 in the paper; half on the digits, where a ViT with
@@ -40,11 +41,14 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
 LOCAL_RATIO = {"digits": 1 / 2, "folder": 96 / 224}
 
 RUN_SETTINGS = (
-    "data", "model", "epochs", "batch_size", "num_slices", "directions", "lamb", "sigreg", "sigreg_views",
-    "loss_weighting", "lr", "weight_decay", "warmup", "local_views", "image_size", "local_size", "drop_path", "seed",
+    "data", "model", "epochs", "batch_size", "num_slices", "directions", "orthogonal", "unbiased", "lamb", "sigreg",
+    "sigreg_views", "loss_weighting", "lr", "weight_decay", "warmup", "local_views", "image_size", "local_size",
+    "drop_path", "seed",
 )
 """The options that define a run: saved in its checkpoints, refused on resume when they differ."""
-SETTINGS_ADDED_LATER = dict(sigreg_views="concat", loss_weighting="seed", directions="seed")
+SETTINGS_ADDED_LATER = dict(
+    sigreg_views="concat", loss_weighting="seed", directions="seed", orthogonal=False, unbiased=False
+)
 """Run settings that checkpoints written before them lack, with the value those runs used."""
 
 FREE_ON_RESUME = ("device", "workers", "max_steps", "checkpoint", "checkpoint_every", "resume", "out")
@@ -102,6 +106,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directions", choices=("seed", "blockwise"),
                    help="SIGReg directions: the seed's [D, S] matrix per step, or drawn block by block "
                    f"(memory independent of --num-slices; fused only) ({_common('directions')})")
+    p.add_argument("--orthogonal", action=argparse.BooleanOptionalAction,
+                   help="orthonormalise the SIGReg directions in groups of at most the embedding width "
+                   f"(fused only) ({_common('orthogonal')})")
+    p.add_argument("--unbiased", action=argparse.BooleanOptionalAction,
+                   help="the unbiased Epps-Pulley statistic, 0 in expectation for Gaussian embeddings, "
+                   f"instead of the seed's plug-in one (fused only) ({_common('unbiased')})")
     p.add_argument("--lamb", metavar="X", type=_float_in(0.0, math.inf),
                    help=f"SIGReg weight: loss = invariance + lamb * SIGReg ({_common('lamb')})")
     p.add_argument("--sigreg", choices=("fused", "reference"),
@@ -182,6 +192,9 @@ def resolve(args: argparse.Namespace, saved: Optional[Mapping[str, Any]] = None)
             setattr(args, key, value)
     if args.directions == "blockwise" and args.sigreg != "fused":
         raise UsageError("--directions blockwise needs --sigreg fused (the seed's module draws the seed's directions)")
+    for key in ("orthogonal", "unbiased"):
+        if getattr(args, key) and args.sigreg != "fused":
+            raise UsageError(f"--{key} needs --sigreg fused (the seed's module has the seed's statistic only)")
     if args.directions == "blockwise" and args.sigreg_views == "per_view":
         raise UsageError("--directions blockwise takes one statistic over all views: use --sigreg-views concat")
     if args.local_size is None:

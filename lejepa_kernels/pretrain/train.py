@@ -51,7 +51,7 @@ def build_model(args: argparse.Namespace) -> LeJEPA:
     try:
         return LeJEPA(args.model, n_slices=args.num_slices, lamb=args.lamb, drop_path_rate=args.drop_path,
                       sigreg=args.sigreg, sigreg_views=args.sigreg_views, loss_weighting=args.loss_weighting,
-                      directions=args.directions)
+                      directions=args.directions, orthogonal=args.orthogonal, unbiased=args.unbiased)
     except (ValueError, TypeError) as err:
         raise UsageError(f"--model {args.model}: {err}") from None
 
@@ -372,7 +372,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         n_params = sum(p.numel() for p in run.model.backbone.parameters()) / 1e6
         print(f"LeJEPA pretraining: {args.model} ({n_params:.2f}M backbone parameters) on {data.name} "
               f"({len(data.train_idx)} train / {len(data.test_idx)} held-out images), 2x{args.image_size}px + "
-              f"{args.local_views}x{args.local_size}px views, {args.num_slices} {args.directions} slices, "
+              f"{args.local_views}x{args.local_size}px views, {args.num_slices} {args.directions} "
+              f"{'orthogonal ' if args.orthogonal else ''}slices, {'unbiased ' if args.unbiased else ''}"
               f"{args.sigreg} SIGReg ({args.sigreg_views.replace('_', '-')}, {args.loss_weighting} weighting), "
               f"{run.device}" + (f" x {run.world_size} processes" if run.distributed else ""), flush=True)
         if args.resume is not None:
@@ -401,6 +402,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         random_init_probe_accuracy=random_init_probe_accuracy,
         num_slices=args.num_slices,
         directions=args.directions,
+        orthogonal=args.orthogonal,
+        unbiased=args.unbiased,
         seconds=time.perf_counter() - start_time,
         train_seconds=train_seconds,
         loss=last.get("loss"), inv_loss=last.get("inv_loss"), sigreg_loss=last.get("sigreg_loss"),
