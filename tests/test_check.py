@@ -18,8 +18,9 @@ from conftest import has_c_compiler
 
 import lejepa_kernels
 from lejepa_kernels import cpu_backend, torch_backend
-from lejepa_kernels.check import accuracy, add_parser, bench, check_plan, interpreter, write_json
-from lejepa_kernels.check.accuracy import CUDA_LARGE_CASES, Case, run_case, sample_columns, sums_tolerances
+from lejepa_kernels.check import add_parser, bench, cases, check_plan, interpreter, write_json
+from lejepa_kernels.check.accuracy import run_case
+from lejepa_kernels.check.cases import CUDA_LARGE_CASES, Case, sample_columns, sums_tolerances
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -84,7 +85,7 @@ def test_json_holds_every_figure(quick_run):
 def test_interpreter_child_runs_the_triton_kernels(quick_run):
     _, output, path = quick_run
     interpreted = [c for c in json.loads(path.read_text())["checks"] if c["device"] == "interpreter"]
-    assert len(interpreted) == len(accuracy.small_cases("triton", "interpreter", quick=True))
+    assert len(interpreted) == len(cases.small_cases("triton", "interpreter", quick=True))
     assert all(c["backend"] == "triton" and c["passed"] for c in interpreted)
     assert sum(line.lstrip().startswith("triton/interpreter") for line in check_lines(output)) == len(interpreted)
 
@@ -188,7 +189,7 @@ def test_cuda_cases_sample_every_tile_and_catch_a_lost_row_block(case):
         cols = sample_columns(case.s)
         assert cols[0] == 0 and cols[-1] == case.s - 1 and bool((cols[1:] > cols[:-1]).all())
         assert torch.unique(cols // 64).numel() == math.ceil(case.s / 64)
-        assert cols.numel() <= accuracy.MAX_SAMPLE + 2
+        assert cols.numel() <= cases.MAX_SAMPLE + 2
     forward, gradient = sums_tolerances(case)
     assert min(64, case.n) / case.n > 4 * forward
     assert gradient < 0.05

@@ -16,8 +16,9 @@ import torch
 
 from .. import cpu_backend
 from ..atomic_file import atomic_write
-from .accuracy import CUDA_LARGE_CASES, Case, run_case, small_cases
+from .accuracy import run_case
 from .bench import format_row, header, run_bench
+from .cases import CUDA_LARGE_CASES, Case, small_cases
 from .environment import describe, summary_lines
 from .interpreter import start_interpreted
 

@@ -44,7 +44,7 @@ def start_interpreted(quick: bool) -> Iterator[dict[str, Any]]:
     """Start the child now; iterate to get each of its check results as it arrives, then a
     failed result describing the child's exit (with the end of its output) if it stopped early
     or failed."""
-    from .accuracy import small_cases
+    from .cases import small_cases
 
     expected = len(small_cases("triton", "interpreter", quick))
     child = subprocess.Popen(
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         print("set TRITON_INTERPRET=1 before running this module", file=sys.stderr)
         return 2
-    from .accuracy import run_case, small_cases
+    from .accuracy import run_case
+    from .cases import small_cases
 
     for case in small_cases("triton", "interpreter", args.quick):
         result = run_case(case, "triton", "interpreter")
