@@ -3,10 +3,13 @@
 `directions="blockwise"` never draws the [D, S] directions of a call whole. The S slices are cut
 into blocks of at most `block_size`; block b's directions A_b [D, B] are drawn when and where the
 block is used, from a generator on the embeddings' device seeded with `block_key(seed, step, b)`.
-Per block: A_b, its ECF sums [B, T] (the chosen backend's `ecf_sums`), its statistics, added into
-the loss. The backward recomputes each block (A_b again, its sums, then the backend's
-`ecf_sums_backward` with the block's gradient coefficients). Extra memory: O(N*D + B*D + B*T),
-whatever S is (docs/DESIGN.md, section 7).
+The op takes x [G, N, D], G groups of rows each with its own statistics, all on the same
+directions. Per block: A_b, its ECF sums [G, B, T] (the chosen backend's `ecf_sums`), its [G, B]
+statistics (plug-in or unbiased, `statistic.py`), added into the loss ("mean", "sum") or written
+into the [G, S] result ("none"). The backward recomputes each block (A_b again, its sums, then the
+backend's `ecf_sums_backward` with the block's gradient coefficients). Extra memory:
+O(G*N*D + B*D + G*B*T), whatever S is, plus the [G, S] result and its gradient for "none"
+(docs/DESIGN.md, section 7).
 
 The generator is torch's own (Philox on CUDA, counter-based; mt19937 on the CPU, seeded per block
 with the low 32 bits of the key, which differ between the blocks of a call). A hash generator in
@@ -32,6 +35,7 @@ import torch.distributed as dist
 from . import torch_backend
 from .backends import TABLE
 from .distributed import all_reduce_in_op, group_name
+from .statistic import ecf_distance
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE", "DIRECTIONS", "DirectionSpec", "block_key", "block_directions",
@@ -153,15 +157,17 @@ def blockwise_directions(
 
 
 def _block_sums(x, t, key, width, orthogonal, backend, dt, group):
-    """(A_b, cos_sums, sin_sums, n): a block's directions, its [B, T] sums and the row count,
-    summed over the ranks of `group` (a process-group name; "" for none)."""
-    A = block_directions(x.shape[1], width, key, orthogonal, x.device)
-    cos_sums, sin_sums = (sums[0] for sums in TABLE[backend].ecf_sums(x[None], A, t, dt))  # one group
-    n = cos_sums.new_full((), x.shape[0])
+    """(A_b, cos_sums, sin_sums, n): a block's directions [D, B], the [G, B, T] sums of x
+    [G, N, D] and the row counts [G], summed over the ranks of `group` (a process-group name;
+    "" for none)."""
+    A = block_directions(x.shape[-1], width, key, orthogonal, x.device)
+    cos_sums, sin_sums = TABLE[backend].ecf_sums(x, A, t, dt)
+    n = cos_sums.new_full(x.shape[:1], x.shape[1])
     if group:
-        packed = all_reduce_in_op(torch.cat([cos_sums.flatten(), sin_sums.flatten(), n.reshape(1)]), group)
+        packed = all_reduce_in_op(torch.cat([cos_sums.flatten(), sin_sums.flatten(), n]), group)
         size = cos_sums.numel()
-        cos_sums, sin_sums, n = packed[:size].view_as(cos_sums), packed[size:-1].view_as(sin_sums), packed[-1]
+        cos_sums, sin_sums = packed[:size].view_as(cos_sums), packed[size : 2 * size].view_as(sin_sums)
+        n = packed[2 * size :]
     return A, cos_sums, sin_sums, n
 
 
@@ -179,24 +185,35 @@ def _loss(
     backend: str,
     dt: float,
     group: str,
+    reduction: str,
+    unbiased: bool,
 ) -> torch.Tensor:
-    """The loss (0-d, fp32; fp64 for fp64 x): mean over the S slices of the Epps-Pulley statistic,
-    accumulated block by block."""
+    """The `reduction` of the [G, S] Epps-Pulley statistics of x [G, N, D], accumulated block by
+    block: 0-d ("mean" over groups and slices, "sum") or [G, S] ("none"); fp32 (fp64 for fp64 x)."""
     dtype = torch_backend.compute_dtype(x)
     t, phi, weights = t.to(dtype), phi.to(dtype), weights.to(dtype)
     step_value = int(step)
+    if reduction == "none":
+        statistics = torch.empty(x.shape[0], num_slices, dtype=dtype, device=x.device)
     total = torch.zeros((), dtype=dtype, device=x.device)
     for index, width in _blocks(num_slices, block_size):
         key = block_key(seed, step_value, index)
         _, cos_sums, sin_sums, n = _block_sums(x, t, key, width, orthogonal, backend, dt, group)
-        err = (cos_sums / n - phi).square() + (sin_sums / n).square()
-        total += (err @ weights).sum() * n
-    return total / num_slices
+        distance = ecf_distance(cos_sums, sin_sums, n, phi, weights, unbiased)  # [G, B]
+        if reduction == "none":
+            start = index * block_size
+            statistics[:, start : start + width] = distance * n[:, None]  # as epps_pulley_statistic
+        else:
+            total += (distance.sum(1) * n).sum()
+    if reduction == "none":
+        return statistics
+    return total / (x.shape[0] * num_slices) if reduction == "mean" else total
 
 
 @_loss.register_fake
-def _(x, step, t, phi, weights, num_slices, block_size, orthogonal, seed, backend, dt, group):
-    return x.new_empty((), dtype=torch_backend.compute_dtype(x))
+def _(x, step, t, phi, weights, num_slices, block_size, orthogonal, seed, backend, dt, group, reduction, unbiased):
+    shape = (x.shape[0], num_slices) if reduction == "none" else ()
+    return x.new_empty(shape, dtype=torch_backend.compute_dtype(x))
 
 
 @torch.library.custom_op("lejepa_kernels::blockwise_sliced_epps_pulley_backward", mutates_args=())
@@ -214,28 +231,44 @@ def _loss_backward(
     backend: str,
     dt: float,
     group: str,
+    reduction: str,
+    unbiased: bool,
 ) -> torch.Tensor:
-    """dx [N, D] in x's dtype: per block, the directions and global sums again, then the backend's
-    `ecf_sums_backward` with grad_cos = 2 g w (cm - phi) / S and grad_sin = 2 g w sm / S."""
+    """dx [G, N, D] in x's dtype, from grad (0-d; [G, S] for "none"): per block, the directions
+    and global sums again, then the backend's `ecf_sums_backward` with the statistic's derivatives
+    grad_cos = 2 c w (r cm - phi), grad_sin = 2 c w r sm (cm, sm: the sums over n; r = n / (n - 1)
+    if unbiased else 1; c: grad's coefficient of the block's statistics, grad / (G S) for "mean")."""
     dtype = torch_backend.compute_dtype(x)
     t, phi, weights = t.to(dtype), phi.to(dtype), weights.to(dtype)
     grad = grad.to(dtype)
     if group:
-        grad = all_reduce_in_op(grad.reshape(1), group)[0]
+        grad = all_reduce_in_op(grad.reshape(-1), group).view_as(grad)
+    if reduction == "mean":
+        grad = grad / (x.shape[0] * num_slices)
     step_value = int(step)
-    scaled_weights = weights * (2 * grad / num_slices)
     grad_x = torch.zeros(x.shape, dtype=dtype, device=x.device)
     for index, width in _blocks(num_slices, block_size):
         key = block_key(seed, step_value, index)
         A, cos_sums, sin_sums, n = _block_sums(x, t, key, width, orthogonal, backend, dt, group)
-        grad_cos = (cos_sums / n - phi) * scaled_weights
-        grad_sin = (sin_sums / n) * scaled_weights
-        grad_x += TABLE[backend].ecf_sums_backward(x[None], A, t, grad_cos[None], grad_sin[None], dt)[0]
+        if reduction == "none":
+            start = index * block_size
+            scaled_weights = weights * (2 * grad[:, start : start + width, None])  # [G, B, T]
+        else:
+            scaled_weights = weights * (2 * grad)
+        n = n[:, None, None]
+        cos_mean, sin_mean = cos_sums / n, sin_sums / n
+        if unbiased:
+            gain = n / (n - 1)
+            cos_mean, sin_mean = cos_mean * gain, sin_mean * gain
+        grad_cos = (cos_mean - phi) * scaled_weights
+        grad_sin = sin_mean * scaled_weights
+        grad_x += TABLE[backend].ecf_sums_backward(x, A, t, grad_cos, grad_sin, dt)
     return grad_x.to(x.dtype)
 
 
 @_loss_backward.register_fake
-def _(x, step, t, phi, weights, grad, num_slices, block_size, orthogonal, seed, backend, dt, group):
+def _(x, step, t, phi, weights, grad, num_slices, block_size, orthogonal, seed, backend, dt, group, reduction,
+      unbiased):
     return x.new_empty(x.shape)
 
 
@@ -248,7 +281,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad: torch.Tensor):
     x, step, t, phi, weights = ctx.saved_tensors
     grad_x = _loss_backward(x, step, t, phi, weights, grad, *ctx.config)
-    return (grad_x,) + (None,) * 11
+    return (grad_x,) + (None,) * 13
 
 
 _loss.register_autograd(_backward, setup_context=_setup_context)
@@ -266,13 +299,17 @@ def sliced_epps_pulley_blockwise(
     spec: DirectionSpec,
     process_group: Optional[dist.ProcessGroup] = None,
     reduce: bool = False,
+    reduction: str = "mean",
+    unbiased: bool = False,
 ) -> torch.Tensor:
-    """SIGReg of x [N, D] with blockwise directions, as one `lejepa_kernels` op (its backward a
-    second one): the loss, 0-d fp32 (fp64 for fp64 x).
+    """SIGReg of x [G, N, D] (G groups of N rows, each with its own statistics) with blockwise
+    directions, as one `lejepa_kernels` op (its backward a second one): the `reduction` ("mean"
+    over groups and slices, "sum", "none") of the [G, S] statistics (`unbiased`: see
+    `statistic.epps_pulley_statistic`), 0-d or [G, S]; fp32 (fp64 for fp64 x).
 
     step: 0-d integer tensor (on the CPU, for no device sync); t, phi, weights: [T] the grid;
     backend: a name of the backend table, as `backends.choose` decided; reduce: all-reduce each
-    block's sums over `process_group` (None: the world).
+    block's sums and the row counts over `process_group` (None: the world).
     """
     if spec.kind != "blockwise":
         raise ValueError(f"sliced_epps_pulley_blockwise draws blockwise directions, got {spec.kind!r}")
@@ -282,4 +319,5 @@ def sliced_epps_pulley_blockwise(
     return _loss(
         x, step, t.to(device), phi.to(device), weights.to(device), num_slices, spec.block_size,
         spec.orthogonal, spec.seed, backend, float(dt), group_name(process_group) if reduce else "",
+        reduction, unbiased,
     )

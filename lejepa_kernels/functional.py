@@ -13,6 +13,7 @@ from .backends import choose
 from .blockwise import DirectionSpec, orthonormal_groups, sliced_epps_pulley_blockwise
 from .distributed import all_reduce_sums, check_group, group_size, is_distributed
 from .reference import quadrature
+from .statistic import epps_pulley_statistic, reduce_statistic
 
 REDUCTIONS = ("mean", "sum", "none")
 """How the (*, S) statistics become the result: their mean (the seed's loss), sum, or themselves."""
@@ -133,42 +134,6 @@ def ecf_sums(
     return cos_sums.view(shape), sin_sums.view(shape)
 
 
-def epps_pulley_statistic(
-    cos_sums: torch.Tensor,
-    sin_sums: torch.Tensor,
-    n_rows: torch.Tensor,
-    phi: torch.Tensor,
-    weights: torch.Tensor,
-    unbiased: bool = False,
-) -> torch.Tensor:
-    """The Epps-Pulley statistic per group and slice, (*, S), from (*, S, T) ECF sums over
-    n_rows (*) rows per group; phi, weights: [T].
-
-    stat = n sum_k w_k |phi_hat(t_k) - phi(t_k)|^2 with phi_hat = (cos_sums + i sin_sums) / n.
-    unbiased: |phi_hat|^2 in it is replaced by its unbiased estimate
-    (|cos_sums + i sin_sums|^2 - n) / (n (n - 1)), that is, (n |phi_hat|^2 - 1) / (n - 1); the
-    statistic then has expectation exactly n sum_k w_k |phi_X(t_k) - phi(t_k)|^2 for n i.i.d.
-    rows of characteristic function phi_X (0 under the null), where the plug-in's adds
-    sum_k w_k (1 - |phi_X(t_k)|^2). Needs n >= 2.
-    """
-    n = n_rows[..., None, None]
-    cos_mean, sin_mean = cos_sums / n, sin_sums / n
-    err = (cos_mean - phi).square() + sin_mean.square()
-    if unbiased:
-        # (n |phi_hat|^2 - 1) / (n - 1) - |phi_hat|^2, written so that nothing cancels
-        err = err - (1 - cos_mean.square() - sin_mean.square()) / (n - 1)
-    return (err @ weights) * n_rows[..., None]
-
-
-def reduce_statistic(statistic: torch.Tensor, reduction: str) -> torch.Tensor:
-    """The (*, S) statistics' mean ("mean": the seed's loss) or sum (0-d), or themselves ("none")."""
-    if reduction == "mean":
-        return statistic.mean()
-    if reduction == "sum":
-        return statistic.sum()
-    return statistic
-
-
 def _min_rows(reduce: bool, unbiased: bool, process_group: Optional[dist.ProcessGroup]) -> int:
     """The fewest rows per group a call may hold: 2 in one process; 1 when the ranks' rows are
     summed, except that the unbiased form on a group of one rank still needs 2."""
@@ -229,19 +194,17 @@ def sliced_epps_pulley_on_grid(
 ) -> torch.Tensor:
     """`sliced_epps_pulley_on_directions` on the directions drawn for the 0-d integer tensor
     `step` as `directions` says: the seed's (by default, drawn on x's device) or blockwise
-    (`blockwise.py`: 2-D x and the mean only; it does its own all-reduces, one per block)."""
+    (`blockwise.py`: it does its own all-reduces, one per block)."""
     reduce = distributed and is_distributed()
     check_embeddings(x, min_rows=_min_rows(reduce, unbiased, process_group))
     if directions.kind == "blockwise":
-        if x.dim() != 2 or reduction != "mean" or unbiased:
-            raise ValueError(
-                "directions='blockwise' takes x of shape [N, D] with reduction='mean' and "
-                f"unbiased=False, got shape {tuple(x.shape)}, reduction={reduction!r}, unbiased={unbiased}"
-            )
+        groups = x.reshape(-1, *x.shape[-2:])  # [G, N, D]: a view of x where its strides allow
         backend = choose(backend, x, t.numel(), dt)
-        return sliced_epps_pulley_blockwise(
-            x, step, num_slices, t, phi, weights, backend, dt, directions, process_group, reduce
+        result = sliced_epps_pulley_blockwise(
+            groups, step, num_slices, t, phi, weights, backend, dt, directions, process_group, reduce,
+            reduction, unbiased,
         )
+        return result.view(*x.shape[:-2], num_slices) if reduction == "none" else result
     A = ops.directions(step, x.shape[-1], num_slices, x.device)
     if directions.orthogonal:
         A = orthonormal_groups(A)
@@ -308,7 +271,8 @@ def sliced_epps_pulley(
 
     `directions`: "seed" (the seed's [D, S] matrix for the step) or "blockwise" (blocks of
     `block_size` slices drawn when used, keyed by (seed, step, block): memory independent of
-    num_slices). `orthogonal`: orthonormalise each group of at most D directions.
+    num_slices, but for the (*, S) result of "none"). `orthogonal`: orthonormalise each group of
+    at most D directions.
     """
     spec = DirectionSpec(directions, orthogonal, block_size, seed)
     check_config(num_slices, t_max, n_points)

@@ -202,8 +202,7 @@ class FusedSlicedEppsPulley(SlicedStatistics):
         initialised at call time.
     :param directions: "seed" (default: the seed's [D, S] directions for the step, its numbers)
         or "blockwise" (blocks of `block_size` slices drawn when used, keyed by (seed, step,
-        block): memory independent of num_slices; 2-D x and reduction "mean" only; see
-        `lejepa_kernels.blockwise`).
+        block): memory independent of num_slices; see `lejepa_kernels.blockwise`).
     :param orthogonal: orthonormalise each group of at most D directions.
     :param block_size: slices per block of "blockwise" (None: 4096).
     :param seed: key of the blockwise generator besides the step.

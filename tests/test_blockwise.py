@@ -1,5 +1,6 @@
 """directions="blockwise": the generator's statistics, the loss against an fp64 oracle that
-materialises the same directions, determinism, torch.compile, torch.distributed and flat memory."""
+materialises the same directions (2-D x; grouped x, the reductions and the unbiased form),
+determinism, torch.compile, torch.distributed and flat memory."""
 
 import math
 import os
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import CPU_BACKENDS, assert_no_worse_than_seed, embeddings, loss_and_grad
+from conftest import CPU_BACKENDS, assert_no_worse_than_seed, embeddings, grouped_oracle, loss_and_grad
 
 from lejepa_kernels import FusedSlicedEppsPulley, sliced_epps_pulley, torch_backend
 from lejepa_kernels.blockwise import (
@@ -20,7 +21,8 @@ from lejepa_kernels.blockwise import (
     blockwise_directions,
     orthonormal_groups,
 )
-from lejepa_kernels.reference import EppsPulley, random_directions
+from lejepa_kernels.functional import sliced_epps_pulley_on_directions
+from lejepa_kernels.reference import EppsPulley, quadrature, random_directions
 
 
 def direction_moments_z(A: torch.Tensor) -> tuple[float, float]:
@@ -133,6 +135,91 @@ def test_functional_matches_module_and_oracle():
     torch.testing.assert_close(module(x), got, rtol=0, atol=0)
 
 
+GROUPED = dict(n=13, d=7, num_slices=33, block_size=10, step=9, seed=4)
+"""Grouped cases: odd sizes, blocks of 10, 10, 10 and 3 slices."""
+LEADS = {"3-D": (3,), "4-D": (2, 2)}
+
+
+def grouped_x(lead: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """(*lead, 13, 7) rows, group g scaled by 0.7 + 0.2 g and shifted by 0.3 g (unequal groups),
+    drawn in fp64 then cast to dtype."""
+    groups = math.prod(lead)
+    n, d = GROUPED["n"], GROUPED["d"]
+    index = torch.arange(groups, dtype=torch.float64).view(groups, 1, 1)
+    x = embeddings(groups * n, d, seed=groups).view(groups, n, d) * (0.7 + 0.2 * index) + 0.3 * index
+    return x.view(*lead, n, d).to(dtype)
+
+
+def blockwise_loss(x: torch.Tensor, backend: str = "torch", **kwargs) -> torch.Tensor:
+    """`sliced_epps_pulley` on the GROUPED blockwise directions."""
+    g = GROUPED
+    return sliced_epps_pulley(x, g["step"], g["num_slices"], backend=backend, directions="blockwise",
+                              block_size=g["block_size"], seed=g["seed"], **kwargs)
+
+
+def result_and_grad(fn, x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(x), d sum(fn(x) * weights) / dx) at a detached copy of x (weights cast to the result's dtype)."""
+    x = x.detach().clone().requires_grad_()
+    out = fn(x)
+    (out * weights.to(out.dtype)).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("unbiased", [False, True], ids=["plug-in", "unbiased"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("lead", LEADS.values(), ids=LEADS.keys())
+def test_grouped_reductions_unbiased_against_fp64_oracle(backend, dtype, unbiased, reduction, lead):
+    """x (*, 13, 7), S = 33 in blocks of 10: the result and the gradient (of a random weighting of
+    the statistics for "none", which checks the backward's hand-written derivative per group and
+    slice) against `grouped_oracle` in fp64 on the same directions, no worse than the seed
+    directions' path on those directions in the same dtype and backend."""
+    if dtype == torch.float64 and backend != "torch":
+        pytest.skip("the kernels take fp32/bf16/fp16")
+    if backend == "triton" and (dtype != torch.float32 or reduction != "none" or not unbiased or lead != (3,)):
+        pytest.skip("Triton's interpreter is slow: one case")
+    g = GROUPED
+    x = grouped_x(lead, dtype)
+    A = blockwise_directions(g["d"], g["num_slices"], g["step"], seed=g["seed"], block_size=g["block_size"])
+    t, phi, grid_weights = quadrature(3.0, 17)
+    reduce = {"mean": torch.mean, "sum": torch.sum, "none": lambda stats: stats}[reduction]
+    weights = torch.tensor(1.0, dtype=torch.float64)
+    if reduction == "none":
+        weights = torch.randn(*lead, g["num_slices"], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    options = dict(reduction=reduction, unbiased=unbiased)
+    got, grad = result_and_grad(lambda z: blockwise_loss(z, backend, **options), x, weights)
+    seed, seed_grad = result_and_grad(
+        lambda z: sliced_epps_pulley_on_directions(z, A, t, phi, grid_weights, backend, 3.0 / 16, **options),
+        x, weights,
+    )
+    truth, truth_grad = result_and_grad(lambda z: reduce(grouped_oracle(z, A, 3.0, 17, unbiased)), x.double(),
+                                        weights)
+    assert got.shape == truth.shape and got.dtype == torch_backend.compute_dtype(x) and grad.dtype == dtype
+    assert_no_worse_than_seed(got, seed, truth, "result")
+    assert_no_worse_than_seed(grad, seed_grad, truth_grad, "grad")
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, truth, rtol=1e-10, atol=0)
+        torch.testing.assert_close(grad, truth_grad, rtol=0, atol=1e-10 * truth_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("unbiased", [False, True], ids=["plug-in", "unbiased"])
+def test_grouped_is_each_group_on_its_own(unbiased):
+    """Three groups at once: the mean loss is the mean of the groups' own losses, on the same
+    directions, with the same gradient; "none" stacks the groups' statistics."""
+    x = grouped_x((3,), torch.float64)
+    loss, grad = loss_and_grad(lambda z: blockwise_loss(z, unbiased=unbiased), x)
+    alone, alone_grad = loss_and_grad(
+        lambda z: torch.stack([blockwise_loss(group, unbiased=unbiased) for group in z]).mean(), x
+    )
+    torch.testing.assert_close(loss, alone, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, alone_grad, rtol=0, atol=1e-12 * alone_grad.abs().max().item())
+    stats = blockwise_loss(x, reduction="none", unbiased=unbiased)
+    alone_stats = torch.stack([blockwise_loss(group, reduction="none", unbiased=unbiased) for group in x])
+    assert stats.shape == (3, GROUPED["num_slices"])
+    torch.testing.assert_close(stats, alone_stats, rtol=1e-12, atol=0)
+
+
 def test_same_step_and_seed_same_loss_else_different():
     x = embeddings(64, 16, torch.float32)
     first, second = (FusedSlicedEppsPulley(300, directions="blockwise", block_size=64) for _ in range(2))
@@ -195,25 +282,32 @@ def test_backends_see_only_blocks(monkeypatch):
     assert widths == [32, 32, 32, 4] + [32, 32, 32, 32, 32, 32, 4, 4]
 
 
-def test_compiled_fullgraph_is_one_op_and_matches_eager():
+COMPILE_CASES = {
+    "2-D-mean": ((30, 8), {}),
+    "grouped-none-unbiased": ((2, 15, 8), dict(reduction="none", unbiased=True)),
+}
+
+
+@pytest.mark.parametrize("shape, options", COMPILE_CASES.values(), ids=COMPILE_CASES.keys())
+def test_compiled_fullgraph_is_one_op_and_matches_eager(shape, options):
     graphs = []
 
     def record(gm, example_inputs):
         graphs.append([str(node.target) for node in gm.graph.nodes if node.op == "call_function"])
         return gm
 
-    x = torch.randn(30, 8)
-    module = FusedSlicedEppsPulley(50, directions="blockwise", block_size=16)
+    x = torch.randn(*shape)
+    module = FusedSlicedEppsPulley(50, directions="blockwise", block_size=16, **options)
     torch.compile(module, backend=record, fullgraph=True)(x)
     ops = [target for target in graphs[0] if "lejepa_kernels" in target]
     assert ops == ["lejepa_kernels.blockwise_sliced_epps_pulley.default"], graphs[0]
 
-    compiled_module, eager_module = (FusedSlicedEppsPulley(50, directions="blockwise", block_size=16)
+    compiled_module, eager_module = (FusedSlicedEppsPulley(50, directions="blockwise", block_size=16, **options)
                                      for _ in range(2))
     compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
     for _ in range(2):
-        loss_c, grad_c = loss_and_grad(compiled, x)
-        loss_e, grad_e = loss_and_grad(eager_module, x)
+        loss_c, grad_c = loss_and_grad(lambda z: compiled(z).sum(), x)
+        loss_e, grad_e = loss_and_grad(lambda z: eager_module(z).sum(), x)
         torch.testing.assert_close(loss_c, loss_e, rtol=0, atol=0)
         torch.testing.assert_close(grad_c, grad_e, rtol=0, atol=0)
     assert compiled_module.global_step.item() == 2
@@ -248,17 +342,33 @@ def test_default_block_size():
 ROWS = (9, 4)
 
 
+def distributed_groups() -> torch.Tensor:
+    """[2, 13, 6] fp64: the same rows twice, the second group at half scale."""
+    return embeddings(sum(ROWS), 6, torch.float64) * torch.tensor([1.0, 0.5], dtype=torch.float64).view(2, 1, 1)
+
+
+def distributed_stat_weights() -> torch.Tensor:
+    """[2, 40] fp64: the weighting of the "none" statistics whose gradient the test checks."""
+    return torch.linspace(-1, 1, 2 * 40, dtype=torch.float64).view(2, 40)
+
+
 def _distributed_worker(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     x = embeddings(sum(ROWS), 6, torch.float64)
-    start = sum(ROWS[:rank])
+    rows = slice(sum(ROWS[:rank]), sum(ROWS[: rank + 1]))
     module = FusedSlicedEppsPulley(40, directions="blockwise", block_size=16, seed=5)
-    loss, grad = loss_and_grad(module, x[start : start + ROWS[rank]])
-    torch.save({"loss": loss, "grad": grad}, f"{out}.{rank}")
+    loss, grad = loss_and_grad(module, x[rows])
+    grouped = FusedSlicedEppsPulley(40, directions="blockwise", block_size=16, seed=5, reduction="none",
+                                    unbiased=True)
+    stats, grouped_grad = result_and_grad(grouped, distributed_groups()[:, rows], distributed_stat_weights())
+    torch.save({"loss": loss, "grad": grad, "stats": stats, "grouped_grad": grouped_grad}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
 def test_distributed_loss_is_the_concatenated_batch_and_gradient_w_times():
+    """2-D x with the mean, and 2 groups with unbiased statistics ("none"; the gradient of a
+    weighting of them), 9 + 4 rows per group on the 2 ranks: the statistics of the concatenated
+    batch on every rank, and W = 2 times its gradient for each rank's rows."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
         mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "init"), out), nprocs=2)
@@ -266,10 +376,15 @@ def test_distributed_loss_is_the_concatenated_batch_and_gradient_w_times():
     x = embeddings(sum(ROWS), 6, torch.float64)
     A = blockwise_directions(6, 40, 0, seed=5, block_size=16).double()
     truth_loss, truth_grad = loss_and_grad(lambda z: oracle_loss(z, A), x)
+    truth_stats, truth_grouped_grad = result_and_grad(
+        lambda z: grouped_oracle(z, A, 3.0, 17, unbiased=True), distributed_groups(), distributed_stat_weights()
+    )
     for rank, result in enumerate(results):
         rows = slice(sum(ROWS[:rank]), sum(ROWS[: rank + 1]))
         torch.testing.assert_close(result["loss"], truth_loss, rtol=1e-12, atol=0)
         torch.testing.assert_close(result["grad"], 2 * truth_grad[rows], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(result["stats"], truth_stats, rtol=1e-10, atol=0)
+        torch.testing.assert_close(result["grouped_grad"], 2 * truth_grouped_grad[:, rows], rtol=1e-10, atol=1e-14)
 
 
 # --- memory: one CPU call, flat in S ---------------------------------------------------------------
