@@ -187,8 +187,6 @@ class LeJEPA(nn.Module):
             raise ValueError(f"sigreg_views must be one of {SIGREG_VIEWS}, got {sigreg_views!r}")
         if loss_weighting not in LOSS_WEIGHTINGS:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {loss_weighting!r}")
-        if directions == "blockwise" and sigreg_views == "per_view":
-            raise ValueError("directions='blockwise' takes one statistic over all views: use sigreg_views='concat'")
         if isinstance(lamb, bool) or not isinstance(lamb, (int, float)) or not (0 <= lamb < math.inf):
             raise ValueError(f"lamb (the SIGReg weight) must be a finite number >= 0, got {lamb!r}")
         if loss_weighting == "paper" and lamb > 1:

@@ -439,6 +439,21 @@ def test_lejepa_passes_directions_to_its_sigreg():
         LeJEPA("test_vit", sigreg="reference", directions="blockwise")
 
 
+def test_lejepa_per_view_statistics_on_blockwise_directions():
+    """sigreg_views="per_view" with blockwise directions: the mean of the views' unbiased
+    statistics on the step's blockwise directions, against the fp64 oracle."""
+    from conftest import grouped_oracle
+
+    from lejepa_kernels.lejepa import LeJEPA
+
+    model = LeJEPA("test_vit", n_slices=40, directions="blockwise", unbiased=True, sigreg_views="per_view")
+    model.sigreg.global_step.fill_(7)
+    views = torch.randn(4, 9, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    _, _, sigreg_loss = LeJEPA._compute_loss(views, 2, model.sigreg.double(), 0.1, "per_view")
+    A = blockwise_directions(6, 40, 7)
+    torch.testing.assert_close(sigreg_loss, grouped_oracle(views, A, 3.0, 17, unbiased=True).mean(), rtol=1e-10, atol=0)
+
+
 def test_pretrain_directions_option():
     import argparse
 
@@ -448,6 +463,8 @@ def test_pretrain_directions_option():
     add_arguments(parser)
     assert resolve(parser.parse_args([])).directions == "seed"
     assert resolve(parser.parse_args(["--directions", "blockwise"])).directions == "blockwise"
+    both = resolve(parser.parse_args(["--directions", "blockwise", "--sigreg-views", "per_view"]))
+    assert (both.directions, both.sigreg_views) == ("blockwise", "per_view")
     with pytest.raises(UsageError, match="--directions blockwise needs --sigreg fused"):
         resolve(parser.parse_args(["--directions", "blockwise", "--sigreg", "reference"]))
     saved = vars(resolve(parser.parse_args([])))

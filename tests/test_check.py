@@ -11,13 +11,14 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import has_c_compiler
 
 import lejepa_kernels
-from lejepa_kernels import cpu_backend, torch_backend
+from lejepa_kernels import blockwise, cpu_backend, torch_backend
 from lejepa_kernels.check import add_parser, bench, cases, check_plan, interpreter, write_json
 from lejepa_kernels.check.accuracy import run_case
 from lejepa_kernels.check.cases import CUDA_LARGE_CASES, Case, sample_columns, sums_tolerances
@@ -198,7 +199,7 @@ def test_cuda_cases_sample_every_tile_and_catch_a_lost_row_block(case):
 @pytest.mark.parametrize("case", CUDA_LARGE_CASES, ids=lambda c: c.label)
 def test_cuda_cases_run_shrunk_on_the_cpu(case):
     """The same check functions, at CPU sizes, in the same dtypes, sampled where the full case is."""
-    small = Case(case.kind, case.dtype, min(case.n, 40), min(case.d, 12), min(case.s, 70), sampled=case.compares_sample)
+    small = replace(case, n=min(case.n, 40), d=min(case.d, 12), s=min(case.s, 70), sampled=case.compares_sample)
     result = run_case(small, "torch", "cpu")
     assert result["passed"], result
     assert result["compared_slices"] < 70 if small.sampled else result["compared_slices"] == 70
@@ -308,3 +309,29 @@ def test_command_line_runs_the_check(tmp_path):
     environment = json.loads(out.read_text())["environment"]
     assert environment["lejepa_kernels"] == lejepa_kernels.__version__
     assert environment["lejepa_kernels_path"] == package
+
+
+def _first_group_everywhere(function):
+    return lambda x, *args, **kwargs: function(x[:1].expand_as(x), *args, **kwargs)  # x: [G, N, D]
+
+
+def _distance_scaled(function):
+    return lambda *args, **kwargs: function(*args, **kwargs) * (1 + 1e-3)
+
+
+@pytest.mark.parametrize(
+    "case, module, name, breaker",
+    [
+        (Case("loss", torch.bfloat16, 37, 24, 19, groups=3), torch_backend, "ecf_sums", _first_group_everywhere),
+        (Case("loss", torch.float32, 37, 16, 19, directions="blockwise"), blockwise, "ecf_distance",
+         _distance_scaled),
+    ],
+    ids=["groups", "blockwise"],
+)
+def test_grouped_and_blockwise_checks_catch_their_faults(monkeypatch, case, module, name, breaker):
+    """The check passes on this install and fails when the groups' sums are mixed up, or when
+    the blockwise op's statistic is off by 1e-3 (the oracle draws the same directions itself)."""
+    assert run_case(case, "torch", "cpu")["passed"]
+    monkeypatch.setattr(module, name, breaker(getattr(module, name)))
+    result = run_case(case, "torch", "cpu")
+    assert not result["passed"] and "error" not in result, result

@@ -94,6 +94,7 @@ def _table(rows: tuple[int, int, int], odd: tuple[int, int, int], loss: tuple[in
         Case("loss", FP32, *odd, layout="transposed"),
         Case("loss", BF16, *odd, groups=3),
         Case("loss", FP32, *odd, directions="blockwise"),
+        Case("loss", BF16, *odd, groups=2, directions="blockwise"),
     ]
 
 
@@ -142,6 +143,7 @@ CUDA_LARGE_CASES = [
     Case("sums", FP16, 4, 8, 2_200_000, label="backward grid at its 65535 limit"),
     Case("sums", BF16, 65536, 1024, 1_048_576, label="2^20 slices"),
     Case("sums", BF16, 128, 2048, 1_100_000, label="D*S > 2^31: 64-bit offsets"),
+    Case("loss", BF16, 1024, 256, 12289, groups=2, directions="blockwise", label="blockwise, 4 blocks"),
 ]
 """Triton on CUDA: every launch path at full size (S > 16384 compared on a sample)."""
 

@@ -195,8 +195,6 @@ def resolve(args: argparse.Namespace, saved: Optional[Mapping[str, Any]] = None)
     for key in ("orthogonal", "unbiased"):
         if getattr(args, key) and args.sigreg != "fused":
             raise UsageError(f"--{key} needs --sigreg fused (the seed's module has the seed's statistic only)")
-    if args.directions == "blockwise" and args.sigreg_views == "per_view":
-        raise UsageError("--directions blockwise takes one statistic over all views: use --sigreg-views concat")
     if args.local_size is None:
         args.local_size = max(1, round(args.image_size * LOCAL_RATIO["digits" if digits else "folder"]))
     if args.loss_weighting == "paper" and args.lamb > 1:
