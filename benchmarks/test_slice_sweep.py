@@ -1,5 +1,5 @@
 """The slice-count sweep: one training step (forward+backward) of this package's module at
-N = 1024, D = 512 and S = 2^K slices, with the seed's directions ("fused") and blockwise ones
+N = 1024 rows (4096 on a GPU), D = 512 and S = 2^K slices, with the seed's directions ("fused") and blockwise ones
 ("fused_blockwise"). Opt-in: `pytest benchmarks --slice-sweep 12,14,16,18,20` (see conftest.py);
 then `python benchmarks/report.py` turns the JSON into a table and the time/memory plot.
 
@@ -18,7 +18,7 @@ from conftest import DEVICE, device_name
 from test_sigreg import DTYPE, cpu_peak_extra_mib, gpu_peak_extra_mib
 from workloads import Workload, make_input, make_module, step_functions
 
-N, D = 1024, 512
+N, D = (4096 if DEVICE.type == "cuda" else 1024), 512
 SECONDS_PER_POINT = 10.0
 """Timed rounds fill about this long (1 to 5 rounds): a call at S = 2^20 takes tens of seconds."""
 
