@@ -114,7 +114,7 @@ def pretrain_run(run: Run, work: Path, epochs: int, threads: int) -> dict:
         resumed=resumed,
     )
     atomic_write(record_path, lambda file: file.write(json.dumps(record, indent=2).encode()))
-    checkpoint.unlink()
+    checkpoint.unlink(missing_ok=True)
     return record
 
 
@@ -279,7 +279,7 @@ def write_results(args: argparse.Namespace, records: list[dict], timings: list[d
     atomic_write(stem.with_suffix(".md"), lambda f: f.write(markdown(records, timings, machine).encode()))
     if records:
         plot_probe(records, Path(f"{stem}-probe.png"))
-    if timings:
+    if any(t["seconds_per_step"] is not None for t in timings):
         plot_speed(timings, Path(f"{stem}-speed.png"))
     return stem.with_suffix(".json")
 
@@ -314,9 +314,13 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(runs), desc="runs") as bar:
             futures = [pool.submit(pretrain_run, run, args.work, args.epochs, args.threads) for run in runs]
-            for future in as_completed(futures):
-                future.result()
-                bar.update()
+            try:
+                for future in as_completed(futures):
+                    future.result()
+                    bar.update()
+            except BaseException:  # a failed run, Ctrl-C: start no other run (those running finish)
+                pool.shutdown(cancel_futures=True)
+                raise
             records = [future.result() for future in futures]
         pairs = [(i, s) for i in IMPLEMENTATIONS for s in args.slices]
         timings = [timing(i, s, args.work, args.timing_threads, args.timing_steps, args.reference_memory_gib)
