@@ -183,6 +183,23 @@ def summarise(records: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
     }
 
 
+def paired_differences(records: list[dict], baseline: str = "seed") -> dict[str, dict[int, dict[str, float]]]:
+    """option -> slices -> mean and standard error of its probe accuracy minus `baseline`'s, paired
+    by seed (the same initialisation, data order and views), over the seeds both have."""
+    accuracy = {(r["option"], r["num_slices"], r["seed"]): r["probe_accuracy"] for r in records}
+    table: dict[str, dict[int, dict[str, float]]] = {}
+    for (option, slices, seed), value in sorted(accuracy.items()):
+        if option != baseline and (baseline, slices, seed) in accuracy:
+            table.setdefault(option, {}).setdefault(slices, []).append(value - accuracy[baseline, slices, seed])
+    return {
+        option: {
+            s: dict(mean=statistics.fmean(d), se=statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None, n=len(d))
+            for s, d in by.items()
+        }
+        for option, by in table.items()
+    }
+
+
 def plot_probe(records: list[dict], path: Path) -> None:
     """Probe accuracy against the slice count: the mean over the seeds and their range, per option."""
     import matplotlib
@@ -245,6 +262,15 @@ def markdown(records: list[dict], timings: list[dict], machine: str) -> str:
     for option, by_slices in table.items():
         cells = [f"{v['mean']:.3f} [{v['min']:.3f}, {v['max']:.3f}]" if (v := by_slices.get(s)) else "" for s in slices]
         lines.append(f"| {OPTIONS[option][0]} | " + " | ".join(cells) + " |")
+    lines += ["", "Probe accuracy minus the seed's, paired by seed: mean ± standard error:", "",
+              "| option | " + " | ".join(str(s) for s in slices) + " |", "| --- |" + " ---: |" * len(slices)]
+    for option, by_slices in paired_differences(records).items():
+        cells = [
+            f"{v['mean']:+.3f} ± {v['se']:.3f}" if (v := by_slices.get(s)) and v["se"] is not None
+            else f"{v['mean']:+.3f}" if v else ""
+            for s in slices
+        ]
+        lines.append(f"| {OPTIONS[option][0]} | " + " | ".join(cells) + " |")
     random_init = sorted({round(r["random_init_probe_accuracy"], 4) for r in records})
     lines += ["", f"Random initialisation: {', '.join(f'{a:.3f}' for a in random_init)} (one per seed).", "",
               "Seconds per training step (median) and peak RSS of the timing process:", "",
@@ -273,7 +299,8 @@ def write_results(args: argparse.Namespace, records: list[dict], timings: list[d
         torch=torch.__version__, python=platform.python_version(), epochs=args.epochs, threads=args.threads,
         jobs=args.jobs, command=" ".join(["python", "benchmarks/study.py", *sys.argv[1:]]),
         options={name: dict(label=label, argv=argv) for name, (label, argv) in OPTIONS.items()},
-        runs=records, timings=timings,
+        runs=records, timings=timings, probe_accuracy=summarise(records),
+        difference_from_seed=paired_differences(records),
     )
     atomic_write(stem.with_suffix(".json"), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
     atomic_write(stem.with_suffix(".md"), lambda f: f.write(markdown(records, timings, machine).encode()))

@@ -16,13 +16,14 @@ import study  # noqa: E402
 
 def stand_in(calls, status=0):
     """A `run_process` that records its argv and writes a pretrain summary whose probe accuracy
-    encodes the slice count and the seed."""
+    encodes the slice count, the seed and (for blockwise directions) the option."""
 
     def run_process(argv, threads, log):
         calls.append(argv)
         value = {flag: argv[argv.index(flag) + 1] for flag in ("--num-slices", "--seed", "--out")}
         summary = dict(
-            probe_accuracy=0.8 + int(value["--seed"]) / 100 + int(value["--num-slices"]) / 1e5,
+            probe_accuracy=0.8 + int(value["--seed"]) * (0.02 if "blockwise" in argv else 0.01)
+            + int(value["--num-slices"]) / 1e5,
             random_init_probe_accuracy=0.7, loss=1.5, inv_loss=0.5, sigreg_loss=50.0, steps=4, seconds=9.0,
             history=[dict(seconds=1.0), dict(seconds=3.0)],
         )
@@ -70,8 +71,10 @@ def test_results_hold_every_run_and_the_statistics_over_seeds(monkeypatch, tmp_p
     records = [study.pretrain_run(run, tmp_path / "work", epochs=1, threads=1) for run in runs]
     summary = study.summarise(records)
     assert summary["blockwise"][256] == dict(
-        mean=pytest.approx(0.8 + 0.01 + 256e-5), min=pytest.approx(0.8 + 256e-5), max=pytest.approx(0.82 + 256e-5), n=3
+        mean=pytest.approx(0.82 + 256e-5), min=pytest.approx(0.8 + 256e-5), max=pytest.approx(0.84 + 256e-5), n=3
     )
+    difference = study.paired_differences(records)["blockwise"][64]  # 0, 0.01, 0.02 over the seeds
+    assert difference == dict(mean=pytest.approx(0.01), se=pytest.approx(0.01 / 3**0.5), n=3)
     too_big = study.timing("reference", 1 << 20, tmp_path / "work", threads=1, steps=1, limit_gib=8.0)
     assert too_big["seconds_per_step"] is None and too_big["skipped"].startswith("needs about")
     args = argparse.Namespace(results=tmp_path / "results", epochs=1, threads=1, jobs=2)
@@ -82,6 +85,7 @@ def test_results_hold_every_run_and_the_statistics_over_seeds(monkeypatch, tmp_p
     table = path.with_suffix(".md").read_text()
     assert "| the seed's module | 1048576 | needs about 408 GiB |  |" in table
     assert "| fused, default backend | 64 | 0.250 | 900 |" in table
-    assert "| blockwise directions | 0.811 [0.801, 0.821] | 0.813 [0.803, 0.823] |" in table
+    assert "| blockwise directions | 0.821 [0.801, 0.841] | 0.823 [0.803, 0.843] |" in table
+    assert "| blockwise directions | +0.010 ± 0.006 | +0.010 ± 0.006 |" in table
     assert Path(f"{path.with_suffix('')}-probe.png").stat().st_size > 0
     assert Path(f"{path.with_suffix('')}-speed.png").stat().st_size > 0
