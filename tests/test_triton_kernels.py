@@ -179,8 +179,9 @@ def test_bf16_gradient_accumulates_chunks_in_fp32(monkeypatch):
     A = random_directions(D, S, 0, DEVICE)
     t = quadrature(3.0, 17)[0].to(DEVICE)
     grad_cos, grad_sin = torch.randn(2, S, 17, generator=torch.Generator().manual_seed(9)) / S
-    truth = torch_backend.ecf_sums_backward(x.double()[None], A.bfloat16().double(), t.double(),
-                                            grad_cos.double()[None], grad_sin.double()[None])[0]
+    truth = torch_backend.ecf_sums_backward(x.double().to(DEVICE)[None], A.bfloat16().double(), t.double(),
+                                            grad_cos.double().to(DEVICE)[None], grad_sin.double().to(DEVICE)[None])
+    truth = truth[0].cpu()  # the oracle on the kernels' device: x and the seeds are drawn on the CPU
 
     def grad_x(chunk_slices):
         monkeypatch.setattr(backward_module, "DP_CHUNK_BYTES", N * 2 * chunk_slices)
