@@ -21,7 +21,7 @@ from lejepa_kernels.kernels import backward as backward_module  # noqa: E402
 from lejepa_kernels.kernels import forward as forward_module  # noqa: E402
 from lejepa_kernels.kernels._tiles import sincos  # noqa: E402
 from lejepa_kernels.kernels.backward import slices_per_chunk  # noqa: E402
-from lejepa_kernels.reference import SlicedEppsPulley, quadrature, random_directions  # noqa: E402
+from lejepa_kernels.reference import EppsPulley, SlicedEppsPulley, quadrature, random_directions  # noqa: E402
 
 
 def relative(a, b):
@@ -48,17 +48,22 @@ def test_fp32_matches_oracle_over_steps(N, D, S, T):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("N, D, S", [(37, 24, 19), (300, 96, 257)])
-def test_error_no_worse_than_seed_in_the_same_dtype(dtype, N, D, S):
-    """Against the fp64 truth on the same (rounded) input: within the seed's own error, plus one
-    unit of the dtype's rounding for the gradient (the kernels round A and dP to 16 bits in other
-    places than the seed does)."""
-    x = embeddings(N, D, seed=1, scale=0.8).to(dtype).to(DEVICE)
+@pytest.mark.parametrize("N, D, S, seed", [(37, 24, 19, 1), (300, 96, 257, 1), (300, 96, 257, 2)])
+def test_error_no_worse_than_seed_in_the_same_dtype(dtype, N, D, S, seed):
+    """Against the fp64 truth on the same (rounded) input: within the seed's own error, or that of
+    rounding the directions to x's dtype (both round them; the seed's rounding of x @ A may cancel
+    part of it by chance: at seed 2 in bf16 its error is 8.8e-5 of the loss, the rounded
+    directions' 1.6e-4), plus one unit of the dtype's rounding for the gradient (the kernels round
+    A and dP to 16 bits in other places than the seed does)."""
+    x = embeddings(N, D, seed=seed, scale=0.8).to(dtype).to(DEVICE)
     truth_loss, truth_grad = loss_and_grad(SlicedEppsPulley(S).to(DEVICE), x.double())
     loss, grad = loss_and_grad(FusedSlicedEppsPulley(S, backend="triton").to(DEVICE), x)
     seed_loss, seed_grad = loss_and_grad(SlicedEppsPulley(S).to(DEVICE), x)
-    assert_no_worse_than_seed(loss, seed_loss, truth_loss, "loss")
-    assert_no_worse_than_seed(grad, seed_grad, truth_grad, "grad")
+    A = random_directions(D, S, 0, DEVICE).to(dtype).double()
+    statistic = EppsPulley().to(DEVICE)
+    rounded_loss, rounded_grad = loss_and_grad(lambda z: statistic(z @ A).mean(), x.double())
+    assert_no_worse_than_seed(loss, seed_loss, truth_loss, "loss", rounded=rounded_loss)
+    assert_no_worse_than_seed(grad, seed_grad, truth_grad, "grad", rounded=rounded_grad)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
