@@ -33,6 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from tqdm import tqdm
 
@@ -150,26 +151,50 @@ def reference_bytes(slices: int, rows: int = 512, points: int = 17) -> int:
     return 12 * rows * slices * points * 4
 
 
-def timing(implementation: str, slices: int, work: Path, threads: int, steps: int, limit_gib: float) -> dict:
-    """The timing record of one implementation and slice count (from `work` if there)."""
+def timing(
+    implementation: str, slices: int, work: Path, threads: int, steps: int, limit_gib: float, measure: bool = True
+) -> Optional[dict]:
+    """The timing record of one implementation and slice count: from `work` if there, else
+    measured (None if not `measure`); the seed's module is skipped where it would need more than
+    limit_gib."""
+    record = dict(implementation=implementation, num_slices=slices, threads=threads, steps=steps)
+    if implementation == "reference" and reference_bytes(slices) > limit_gib * 2**30:
+        return dict(record, seconds_per_step=None, peak_rss_mib=None,
+                    skipped=f"needs about {reference_bytes(slices) / 2**30:.0f} GiB")
     path = work / "timing" / f"{implementation}-S{slices}.json"
     if path.exists():
         return json.loads(path.read_text())
+    if not measure:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = dict(implementation=implementation, num_slices=slices, threads=threads, steps=steps)
-    if implementation == "reference" and reference_bytes(slices) > limit_gib * 2**30:
-        record.update(seconds_per_step=None, peak_rss_mib=None,
-                      skipped=f"needs about {reference_bytes(slices) / 2**30:.0f} GiB")
-    else:
-        log = path.with_suffix(".log")
-        argv = [sys.executable, __file__, "--time-one", implementation, str(slices), "--timing-steps", str(steps)]
-        status, _, peak_mib = run_process(argv, threads, log)
-        if status != 0:
-            raise RuntimeError(f"timing {implementation} at {slices} slices failed: see {log}")
-        seconds = float(log.read_text().split()[-1])
-        record.update(seconds_per_step=seconds, peak_rss_mib=peak_mib)
+    seconds_path, log = path.with_suffix(".seconds"), path.with_suffix(".log")
+    argv = [sys.executable, __file__, "--time-one", implementation, str(slices), str(seconds_path),
+            "--timing-steps", str(steps)]
+    status, _, peak_mib = run_process(argv, threads, log)
+    if status != 0:
+        raise RuntimeError(f"timing {implementation} at {slices} slices failed: see {log}")
+    record.update(seconds_per_step=float(seconds_path.read_text()), peak_rss_mib=peak_mib)
     atomic_write(path, lambda file: file.write(json.dumps(record, indent=2).encode()))
     return record
+
+
+WORK_SETTINGS = ("epochs", "threads", "timing_steps", "timing_threads")
+"""The options that a study's run directory holds results of: a study goes on only with the same."""
+
+
+def check_work(args: argparse.Namespace) -> None:
+    """Record WORK_SETTINGS in args.work/settings.json, or exit if it holds other values (its
+    results would mix with these)."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    path = args.work / "settings.json"
+    wanted = {key: getattr(args, key) for key in WORK_SETTINGS}
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != wanted:
+            differing = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in WORK_SETTINGS if saved[k] != wanted[k])
+            sys.exit(f"study: {args.work} holds a study run with {differing}: give the same, or another --work")
+        return
+    atomic_write(path, lambda file: file.write(json.dumps(wanted, indent=2).encode()))
 
 
 def summarise(records: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
@@ -291,12 +316,16 @@ def write_results(args: argparse.Namespace, records: list[dict], timings: list[d
     """The JSON, markdown and plots of the study in args.results; returns the JSON's path."""
     import torch
 
+    from lejepa_kernels import cpu_backend
+
     machine = machine_name()
     stem = args.results / f"{datetime.date.today().isoformat()}-study-{machine}"
     args.results.mkdir(parents=True, exist_ok=True)
     data = dict(
         machine=machine, processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-        torch=torch.__version__, python=platform.python_version(), epochs=args.epochs, threads=args.threads,
+        torch=torch.__version__, python=platform.python_version(),
+        cpu_kernel=cpu_backend.unavailable() or "built",  # else "auto" takes the PyTorch path: other roundings
+        epochs=args.epochs, threads=args.threads,
         jobs=args.jobs, command=" ".join(["python", "benchmarks/study.py", *sys.argv[1:]]),
         options={name: dict(label=label, argv=argv) for name, (label, argv) in OPTIONS.items()},
         runs=records, timings=timings, probe_accuracy=summarise(records),
@@ -327,17 +356,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-memory-gib", type=float, default=8.0,
                         help="time the seed's module where it needs less (default: %(default)s)")
     parser.add_argument("--report-only", action="store_true", help="only write the results from --work")
-    parser.add_argument("--time-one", nargs=2, metavar=("IMPLEMENTATION", "SLICES"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-one", nargs=3, metavar=("IMPLEMENTATION", "SLICES", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.time_one is not None:
-        implementation, slices = args.time_one
-        print(time_steps(implementation, int(slices), args.timing_steps))
+        implementation, slices, out = args.time_one
+        seconds = time_steps(implementation, int(slices), args.timing_steps)
+        atomic_write(Path(out), lambda file: file.write(f"{seconds!r}\n".encode()))
         return
 
+    check_work(args)
     runs = [Run(option, s, seed) for seed in range(args.seeds) for option in args.options for s in args.slices]
-    if args.report_only:
-        records = [json.loads(p.read_text()) for p in sorted(args.work.glob("*/record.json"))]
-        timings = [json.loads(p.read_text()) for p in sorted(args.work.glob("timing/*.json"))]
+    pairs = [(i, s) for i in IMPLEMENTATIONS for s in args.slices]
+    if args.report_only:  # the grid's runs and timings that are done
+        records = [json.loads(p.read_text()) for run in runs if (p := args.work / run.name / "record.json").exists()]
+        timings = [
+            record for i, s in pairs
+            if (record := timing(i, s, args.work, args.timing_threads, args.timing_steps, args.reference_memory_gib,
+                                 measure=False)) is not None
+        ]
     else:
         with ThreadPoolExecutor(args.jobs) as pool, tqdm(total=len(runs), desc="runs") as bar:
             futures = [pool.submit(pretrain_run, run, args.work, args.epochs, args.threads) for run in runs]
@@ -349,7 +385,6 @@ def main(argv: list[str] | None = None) -> None:
                 pool.shutdown(cancel_futures=True)
                 raise
             records = [future.result() for future in futures]
-        pairs = [(i, s) for i in IMPLEMENTATIONS for s in args.slices]
         timings = [timing(i, s, args.work, args.timing_threads, args.timing_steps, args.reference_memory_gib)
                    for i, s in tqdm(pairs, desc="timing")]
     print(f"results: {write_results(args, records, timings)}")

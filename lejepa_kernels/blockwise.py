@@ -313,6 +313,8 @@ def sliced_epps_pulley_blockwise(
     """
     if spec.kind != "blockwise":
         raise ValueError(f"sliced_epps_pulley_blockwise draws blockwise directions, got {spec.kind!r}")
+    if x.dim() != 3:
+        raise ValueError(f"sliced_epps_pulley_blockwise takes x [G, N, D], got shape {tuple(x.shape)}")
     # A copy: the module advances its step in place after the call, and the backward reads it.
     step = step.detach().clone()
     device = x.device

@@ -472,3 +472,12 @@ def test_pretrain_directions_option():
     assert resolve(parser.parse_args([]), saved).directions == "seed"
     with pytest.raises(SystemExit):
         parser.parse_args(["--directions", "other"])
+
+
+def test_the_blockwise_op_takes_groups_only():
+    from lejepa_kernels.blockwise import DirectionSpec, sliced_epps_pulley_blockwise
+
+    t, phi, weights = EppsPulley().t, EppsPulley().phi, EppsPulley().weights
+    with pytest.raises(ValueError, match=r"takes x \[G, N, D\], got shape \(5, 3\)"):
+        sliced_epps_pulley_blockwise(torch.randn(5, 3), torch.tensor(0), 8, t, phi, weights, "torch", 0.1875,
+                                     DirectionSpec("blockwise"))

@@ -335,3 +335,10 @@ def test_grouped_and_blockwise_checks_catch_their_faults(monkeypatch, case, modu
     monkeypatch.setattr(module, name, breaker(getattr(module, name)))
     result = run_case(case, "torch", "cpu")
     assert not result["passed"] and "error" not in result, result
+
+
+def test_groups_and_directions_only_where_a_check_takes_them():
+    with pytest.raises(ValueError, match="apply to loss checks"):
+        Case("sums", torch.float32, 5, 3, 2, groups=2)
+    with pytest.raises(ValueError, match="made contiguous"):
+        Case("loss", torch.float32, 5, 3, 2, groups=2, layout="transposed")

@@ -89,3 +89,22 @@ def test_results_hold_every_run_and_the_statistics_over_seeds(monkeypatch, tmp_p
     assert "| blockwise directions | +0.010 ± 0.006 | +0.010 ± 0.006 |" in table
     assert Path(f"{path.with_suffix('')}-probe.png").stat().st_size > 0
     assert Path(f"{path.with_suffix('')}-speed.png").stat().st_size > 0
+
+
+def test_a_study_goes_on_only_with_its_settings_and_reports_its_grid(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(study, "run_process", stand_in([]))
+    work = ["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")]
+    for run in (study.Run("seed", 64, 0), study.Run("unbiased", 64, 0)):
+        study.pretrain_run(run, tmp_path / "work", epochs=3, threads=1)
+    reported = []
+    monkeypatch.setattr(study, "write_results", lambda args, records, timings: reported.append(records) or "out")
+    study.main([*work, "--report-only", "--options", "seed", "--slices", "64", "--seeds", "1"])
+    assert [(r["option"], r["num_slices"], r["seed"]) for r in reported[-1]] == [("seed", 64, 0)]  # the grid's only
+    with pytest.raises(SystemExit, match="holds a study run with --epochs 3: give the same, or another --work"):
+        study.main([*work, "--report-only", "--epochs", "5"])
+
+
+def test_timing_skips_the_seed_module_where_it_would_not_fit(tmp_path):
+    skipped = study.timing("reference", 1 << 16, tmp_path, threads=1, steps=1, limit_gib=1.0, measure=False)
+    assert skipped["skipped"] == "needs about 26 GiB" and not (tmp_path / "timing").exists()
+    assert study.timing("fused", 1 << 16, tmp_path, threads=1, steps=1, limit_gib=1.0, measure=False) is None

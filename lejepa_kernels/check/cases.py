@@ -61,6 +61,12 @@ class Case:
     groups: int = 1
     directions: str = "seed"
 
+    def __post_init__(self) -> None:
+        if (self.groups > 1 or self.directions != "seed") and self.kind != "loss":
+            raise ValueError(f"groups and directions apply to loss checks, got {self}")
+        if self.groups > 1 and self.layout != "contiguous":
+            raise ValueError(f"groups of rows are made contiguous, got {self}")
+
     def describe(self) -> str:
         """E.g. "sums bf16 N=37 D=24 S=19 T=17 arbitrary grid, transposed x (label)"; the
         seed's uniform grid and contiguous x go unsaid."""
