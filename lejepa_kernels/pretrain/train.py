@@ -372,8 +372,8 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
         n_params = sum(p.numel() for p in run.model.backbone.parameters()) / 1e6
         print(f"LeJEPA pretraining: {args.model} ({n_params:.2f}M backbone parameters) on {data.name} "
               f"({len(data.train_idx)} train / {len(data.test_idx)} held-out images), 2x{args.image_size}px + "
-              f"{args.local_views}x{args.local_size}px views, {args.num_slices} {args.directions} "
-              f"{'orthogonal ' if args.orthogonal else ''}slices, {'unbiased ' if args.unbiased else ''}"
+              f"{args.local_views}x{args.local_size}px views, {args.num_slices} slices ({args.directions} "
+              f"directions{', orthogonal' if args.orthogonal else ''}), {'unbiased ' if args.unbiased else ''}"
               f"{args.sigreg} SIGReg ({args.sigreg_views.replace('_', '-')}, {args.loss_weighting} weighting), "
               f"{run.device}" + (f" x {run.world_size} processes" if run.distributed else ""), flush=True)
         if args.resume is not None:
