@@ -6,6 +6,7 @@ the helpers the test modules share.
 """
 
 import os
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,16 @@ if not torch.cuda.is_available():
 from lejepa_kernels import cpu_library  # noqa: E402  (after TRITON_INTERPRET is set)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """After each test, forget what torch.compile compiled: the modules' forward is one code
+    object, and dynamo recompiles it at most 8 times per process (then fullgraph=True fails), so
+    compiled instances in earlier tests would make later compile tests fail."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        torch._dynamo.reset()
 
 def has_c_compiler() -> bool:
     """Whether the native CPU kernel has a compiler to try: where one exists, its build must work
