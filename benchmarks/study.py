@@ -257,6 +257,7 @@ def plot_speed(timings: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for implementation, label in IMPLEMENTATIONS.items():
@@ -266,6 +267,8 @@ def plot_speed(timings: list[dict], path: Path) -> None:
             ax.plot(*zip(*sorted(points)), marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        axis(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_xlabel("slices")
     ax.set_ylabel("seconds per training step")
     ax.set_title("LeJEPA training step on the digits (512 rows of 512 into SIGReg)")
@@ -326,7 +329,8 @@ def write_results(args: argparse.Namespace, records: list[dict], timings: list[d
         torch=torch.__version__, python=platform.python_version(),
         cpu_kernel=cpu_backend.unavailable() or "built",  # else "auto" takes the PyTorch path: other roundings
         epochs=args.epochs, threads=args.threads,
-        jobs=args.jobs, command=" ".join(["python", "benchmarks/study.py", *sys.argv[1:]]),
+        jobs=args.jobs,
+        command=" ".join(["python", "benchmarks/study.py", *(a for a in sys.argv[1:] if a != "--report-only")]),
         options={name: dict(label=label, argv=argv) for name, (label, argv) in OPTIONS.items()},
         runs=records, timings=timings, probe_accuracy=summarise(records),
         difference_from_seed=paired_differences(records),
