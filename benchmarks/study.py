@@ -38,6 +38,7 @@ from typing import Optional
 from tqdm import tqdm
 
 from lejepa_kernels.atomic_file import atomic_write
+from lejepa_kernels.check import write_json
 
 SLICES = (64, 256, 1024, 4096, 16384, 65536)
 OPTIONS = {
@@ -114,7 +115,7 @@ def pretrain_run(run: Run, work: Path, epochs: int, threads: int) -> dict:
         peak_rss_mib=None if resumed else peak_mib,  # a continued run's peak is that of its last part
         resumed=resumed,
     )
-    atomic_write(record_path, lambda file: file.write(json.dumps(record, indent=2).encode()))
+    write_json(record_path, record)
     checkpoint.unlink(missing_ok=True)
     return record
 
@@ -174,7 +175,7 @@ def timing(
     if status != 0:
         raise RuntimeError(f"timing {implementation} at {slices} slices failed: see {log}")
     record.update(seconds_per_step=float(seconds_path.read_text()), peak_rss_mib=peak_mib)
-    atomic_write(path, lambda file: file.write(json.dumps(record, indent=2).encode()))
+    write_json(path, record)
     return record
 
 
@@ -194,7 +195,7 @@ def check_work(args: argparse.Namespace) -> None:
             differing = ", ".join(f"--{k.replace('_', '-')} {saved[k]}" for k in WORK_SETTINGS if saved[k] != wanted[k])
             sys.exit(f"study: {args.work} holds a study run with {differing}: give the same, or another --work")
         return
-    atomic_write(path, lambda file: file.write(json.dumps(wanted, indent=2).encode()))
+    write_json(path, wanted)
 
 
 def summarise(records: list[dict]) -> dict[str, dict[int, dict[str, float]]]:
@@ -335,7 +336,7 @@ def write_results(args: argparse.Namespace, records: list[dict], timings: list[d
         runs=records, timings=timings, probe_accuracy=summarise(records),
         difference_from_seed=paired_differences(records),
     )
-    atomic_write(stem.with_suffix(".json"), lambda f: f.write((json.dumps(data, indent=2) + "\n").encode()))
+    write_json(stem.with_suffix(".json"), data)
     atomic_write(stem.with_suffix(".md"), lambda f: f.write(markdown(records, timings, machine).encode()))
     if records:
         plot_probe(records, Path(f"{stem}-probe.png"))
