@@ -393,38 +393,43 @@ PEAK_SCRIPT = """
 import sys, torch
 from lejepa_kernels import FusedSlicedEppsPulley
 torch.set_num_threads(1)
-directions, slices = sys.argv[1], int(sys.argv[2])
-kwargs = dict(block_size=1024) if directions == "blockwise" else dict()
-module = FusedSlicedEppsPulley(slices, directions=directions, backend="torch", **kwargs)
 x = torch.randn(64, 64, requires_grad=True)
 def status(field):
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
-for _ in range(2):
+for directions, slices in (item.split(":") for item in sys.argv[1:]):
+    kwargs = dict(block_size=1024) if directions == "blockwise" else dict()
+    module = FusedSlicedEppsPulley(int(slices), directions=directions, backend="torch", **kwargs)
+    for _ in range(2):
+        module(x).backward()
+    before = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")
     module(x).backward()
-before = status("VmRSS")
-open("/proc/self/clear_refs", "w").write("5")
-module(x).backward()
-print((status("VmHWM") - before) / 1024)
+    print((status("VmHWM") - before) / 1024)
+    del module
 """
 
 
-def peak_extra_mib(directions: str, slices: int) -> float:
-    """Peak extra resident memory (MiB) of one forward+backward call in a fresh process; glibc
-    maps allocations of 64 KiB or more on their own, so the peak follows the live tensors."""
+def peak_extra_mib(*cases: tuple[str, int]) -> list[float]:
+    """Peak extra resident memory (MiB) of one forward+backward call of each (directions, slices)
+    case, after two warm-up calls, in one fresh process whose peak is reset before each measured
+    call; glibc maps allocations of 64 KiB or more on their own, and unmaps them when freed, so
+    the peak follows the live tensors."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, directions, str(slices)],
+    arguments = [f"{directions}:{slices}" for directions, slices in cases]
+    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *arguments],
                             capture_output=True, text=True, check=True, env=env)
-    return float(result.stdout.split()[-1])
+    return [float(line) for line in result.stdout.split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_peak_memory_is_flat_in_the_slice_count():
     """N = 64, D = 64, blocks of 1024: from S = 2^14 to 2^16 blockwise's peak grows by less than
     1 MiB; the seed's, whose A [D, S] and [S, T] sums grow by 12 and 6.4 MiB (fp32), by more."""
-    blockwise = [peak_extra_mib("blockwise", 1 << k) for k in (14, 16)]
-    seed = [peak_extra_mib("seed", 1 << k) for k in (14, 16)]
-    assert blockwise[1] - blockwise[0] < 1.0, blockwise
-    assert seed[1] - seed[0] > 10.0, seed
+    blockwise_small, blockwise_large, seed_small, seed_large = peak_extra_mib(
+        ("blockwise", 1 << 14), ("blockwise", 1 << 16), ("seed", 1 << 14), ("seed", 1 << 16)
+    )
+    assert blockwise_large - blockwise_small < 1.0, (blockwise_small, blockwise_large)
+    assert seed_large - seed_small > 10.0, (seed_small, seed_large)
 
 
 # --- LeJEPA and `lejepa-kernels pretrain --directions` -------------------------------------------
