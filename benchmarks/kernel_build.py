@@ -26,6 +26,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import triton
@@ -294,12 +295,27 @@ def _build_star(args: tuple) -> dict:
     return build(*args)
 
 
+@contextlib.contextmanager
+def ptxas_logging_cache() -> Iterator[None]:
+    """Inside the block (and in processes started there), Triton compiles into a fresh private
+    cache, removed afterwards, so that every variant goes through ptxas, which prints its log."""
+    names = ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")
+    saved = {name: os.environ.get(name) for name in names}
+    with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
+        os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 if __name__ == "__main__":
     if config.interpreting():
         sys.exit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    # A fresh cache, so that every variant goes through ptxas, which prints its log.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+    with ptxas_logging_cache(), ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
         for result in pool.map(_build_star, variants()):
             print(json.dumps(result), flush=True)

@@ -110,7 +110,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -776,15 +775,13 @@ def main(argv: list[str] | None = None) -> int:
         bad = [v for v in given if v not in allowed]
         if bad:
             parser.error(f"{option}: unknown {bad}; choose from {list(allowed)}")
-    # A fresh cache, so that every variant goes through ptxas, which prints its log.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton-cache-")
-    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     jobs = [(v, cap) for v in variants(args) for cap in args.capabilities]
-    if args.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            results = list(pool.map(report_one, jobs))
-    else:
-        results = [report_one(job) for job in jobs]
+    with kernel_build.ptxas_logging_cache():
+        if args.workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(max_workers=args.workers) as pool:
+                results = list(pool.map(report_one, jobs))
+        else:
+            results = [report_one(job) for job in jobs]
     date = datetime.date.today().isoformat()
     header = {"date": date, "triton": triton.__version__, "torch": torch.__version__, "paper": PAPER,
               "h100": H100, "tensor_flops": TENSOR_FLOPS, "lanes_per_sm_clock": LANES, "sm_limits": SM_LIMITS}

@@ -27,13 +27,25 @@ from lejepa_kernels.kernels import config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def builds() -> list[dict]:
+def build_temp(tmp_path_factory) -> Path:
+    """The build's temporary directory (TMPDIR): empty before it runs."""
+    return tmp_path_factory.mktemp("build-temp")
+
+
+@pytest.fixture(scope="module")
+def builds(build_temp) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "kernel_build.py")], env=env, capture_output=True, text=True
+        [sys.executable, str(BENCHMARKS / "kernel_build.py")], env={**env, "TMPDIR": str(build_temp)},
+        capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_build_leaves_no_temporary_files(builds, build_temp):
+    """Its private Triton cache (about 100 MB) is removed when the build ends."""
+    assert builds and list(build_temp.iterdir()) == []
 
 
 def test_every_case_compiles_once_per_capability(builds):

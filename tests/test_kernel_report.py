@@ -94,8 +94,11 @@ def test_report_runs_on_one_variant(tmp_path):
         sys.executable, str(BENCHMARKS / "kernel_report.py"), "--only-candidates", "--config", default,
         "--grids", "uniform", "--capabilities", "90", "--workers", "1", "--out", str(tmp_path / "report"),
     ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    result = subprocess.run(command, env={**env, "TMPDIR": str(temp)}, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert list(temp.iterdir()) == []  # its private Triton cache is gone
     assert "| forward | bf16 | uniform |" in (tmp_path / "report.md").read_text()
     (r,) = json.loads((tmp_path / "report.json").read_text())["variants"]
     assert r["registers"] > 0 and r["spill_bytes"] == 0 and r["blocks_per_sm"] >= 1
