@@ -199,7 +199,7 @@ def test_bf16_gradient_accumulates_chunks_in_fp32(monkeypatch):
     assert ((many - truth).abs() / truth.abs().max()).max() < 1e-2
 
 
-@pytest.mark.parametrize("T", [17, 33, 129, 513, 1025])
+@pytest.mark.parametrize("T", [17, 33, 129, 1025])
 def test_recurrence_as_accurate_as_direct_trig(T):
     """The recurrence on t_k = k dt against direct fp32 trig on the same t, both against fp64:
     sums and gradient, from the default grid to 1025 points (restarts from T = 33 on)."""
