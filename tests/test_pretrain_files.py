@@ -4,6 +4,8 @@ written atomically through fresh temporary files."""
 import errno
 import json
 import os
+import resource
+import signal
 import stat
 
 import pytest
@@ -44,23 +46,52 @@ def test_links_at_the_output_paths_are_not_followed(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask()
 
 
-def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+@pytest.fixture
+def file_size_limit():
+    """set(n_bytes): files this process writes stop growing at n_bytes, as on a full disk (a
+    write past it is cut short; SIGXFSZ, which would kill the process, is ignored). Restored
+    after the test."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    yield lambda n_bytes: resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, hard))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def assert_failed_checkpoint_write(code: int, capsys, checkpoint) -> None:
+    """Status 1, one line naming the checkpoint and the free space, and nothing else left
+    behind: the previous checkpoint as it was, no temporary file."""
+    assert code == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"lejepa-kernels pretrain: error: --checkpoint {checkpoint}: could not write it: ")
+    assert line.endswith(" MiB free on its file system); any previous checkpoint there is unchanged")
+    assert os.listdir(checkpoint.parent) == ["run.pt"]
+    assert checkpoint.read_bytes() == b"previous checkpoint"
+
+
+def test_a_short_checkpoint_write_is_one_line_and_leaves_the_previous_checkpoint(
+    tmp_path, capsys, file_size_limit
+):
+    """A full disk cuts torch.save's writes short, which it reports as a RuntimeError
+    ("unexpected pos ..."): the command says what failed in one line."""
+    checkpoint = tmp_path / "run.pt"
+    checkpoint.write_bytes(b"previous checkpoint")
+    file_size_limit(100_000)  # the tiny run's checkpoint is about 1.4 MB
+    code = main([*TINY, "--max-steps", "1", "--checkpoint", str(checkpoint)])
+    assert_failed_checkpoint_write(code, capsys, checkpoint)
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
     checkpoint = tmp_path / "run.pt"
     checkpoint.write_bytes(b"previous checkpoint")
 
     def save_until_the_disk_is_full(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)):
-            with open(f, "wb") as file:
-                file.write(b"partial")
-        else:
-            f.write(b"partial")
+        f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
-    with pytest.raises(OSError, match="No space left on device"):
-        main([*TINY, "--max-steps", "1", "--checkpoint", str(checkpoint)])
-    assert os.listdir(tmp_path) == ["run.pt"]
-    assert checkpoint.read_bytes() == b"previous checkpoint"
+    code = main([*TINY, "--max-steps", "1", "--checkpoint", str(checkpoint)])
+    assert_failed_checkpoint_write(code, capsys, checkpoint)
 
 
 def output_options(tmp_path, option: str, path) -> list[str]:

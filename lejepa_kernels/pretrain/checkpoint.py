@@ -9,6 +9,7 @@ the same machine and thread count.
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Union
 
@@ -17,7 +18,10 @@ import torch
 from .files import atomic_write
 from .options import UsageError
 
-__all__ = ["FORMAT", "check_resumable", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "FORMAT", "CheckpointWriteError", "check_resumable", "load_checkpoint", "rng_state", "save_checkpoint",
+    "set_rng_state",
+]
 
 FORMAT = 2
 """Version of the checkpoint layout. Version 1 (no format key) had no random-number state and
@@ -47,9 +51,25 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+class CheckpointWriteError(OSError):
+    """The checkpoint could not be written (most often a full disk); the file at its path, if
+    any, is the previous checkpoint, unchanged."""
+
+
 def save_checkpoint(path: Union[str, Path], state: dict[str, Any]) -> None:
-    """Write ``state`` (with :data:`FORMAT`) to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda file: torch.save({"format": FORMAT, **state}, file))
+    """Write ``state`` (with :data:`FORMAT`) to ``path`` atomically (see :func:`atomic_write`).
+
+    :raises CheckpointWriteError: the write failed. torch.save reports a write cut short, as on
+        a full disk, as a RuntimeError ("unexpected pos ..."); the error names the free space.
+    """
+    try:
+        atomic_write(path, lambda file: torch.save({"format": FORMAT, **state}, file))
+    except (OSError, RuntimeError) as err:
+        free_mib = shutil.disk_usage(Path(path).absolute().parent).free / 2**20
+        raise CheckpointWriteError(
+            f"--checkpoint {path}: could not write it: {err} ({free_mib:.0f} MiB free on its file system); "
+            "any previous checkpoint there is unchanged"
+        ) from err
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:

@@ -5,19 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .checkpoint import CheckpointWriteError
 from .options import UsageError, add_arguments
 from .train import pretrain
 
 __all__ = ["add_parser", "run"]
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130  # 130 = 128 + SIGINT, what shells report for Ctrl-C
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``lejepa-kernels pretrain``: 0 when done, 2 after a mistake in the options or inputs
-    (one line on stderr), 130 after Ctrl-C (the checkpoint is written first)."""
+    """Run ``lejepa-kernels pretrain``: 0 when done, 1 when a checkpoint could not be written, 2
+    after a mistake in the options or inputs (each one line on stderr), 130 after Ctrl-C (the
+    checkpoint is written first)."""
     try:
         pretrain(args)
+    except CheckpointWriteError as err:
+        print(f"lejepa-kernels pretrain: error: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except UsageError as err:
         print(f"lejepa-kernels pretrain: error: {err}", file=sys.stderr)
         return EXIT_USAGE
