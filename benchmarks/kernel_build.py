@@ -247,7 +247,7 @@ def variants() -> list[tuple[Launch, int]]:
 def build(launch: Launch, capability: int, asm: bool = False) -> dict:
     """Compile one launch for sm_<capability>; its registers, spills, shared memory (bytes,
     Triton's allocation) and tensor-core ops; with asm, also its "ptx" and "sass" text. The
-    ptxas log is read from stdout: set TRITON_DUMP_PTXAS_LOG=1 and a fresh TRITON_CACHE_DIR."""
+    ptxas log is read from stdout: call it inside ptxas_logging_cache()."""
     constants = dict(launch.constants)
     attrs = {
         (index,): [["tt.divisibility", 16]]
