@@ -27,6 +27,7 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
+from unittest import mock
 
 import torch
 import triton
@@ -299,18 +300,9 @@ def _build_star(args: tuple) -> dict:
 def ptxas_logging_cache() -> Iterator[None]:
     """Inside the block (and in processes started there), Triton compiles into a fresh private
     cache, removed afterwards, so that every variant goes through ptxas, which prints its log."""
-    names = ("TRITON_CACHE_DIR", "TRITON_DUMP_PTXAS_LOG")
-    saved = {name: os.environ.get(name) for name in names}
     with tempfile.TemporaryDirectory(prefix="triton-cache-") as cache:
-        os.environ.update(TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1")
-        try:
+        with mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache, TRITON_DUMP_PTXAS_LOG="1"):
             yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
 
 
 if __name__ == "__main__":

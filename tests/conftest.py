@@ -28,6 +28,7 @@ def fresh_compile_caches():
     if "torch._dynamo" in sys.modules:
         torch._dynamo.reset()
 
+
 def has_c_compiler() -> bool:
     """Whether the native CPU kernel has a compiler to try: where one exists, its build must work
     (the kernel's tests fail rather than skip)."""
